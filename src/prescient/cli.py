@@ -1,0 +1,225 @@
+"""`prescient ...`: the command line.
+
+`prescient simulate` with no arguments compares every baseline on the bundled Azure
+conversation trace; a scenario file (`--scenario`) fixes an experiment, and flags override it.
+Bad input exits with status 2 and one line naming the flag, key, or file line at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from prescient import __version__
+from prescient.engine.presets import get_preset, preset_names
+from prescient.errors import ConfigError, PrescientError
+from prescient.sim import experiment
+from prescient.sim.metrics import summary_to_json
+from prescient.sim.report import render_table, write_results
+from prescient.sim.scenario import Scenario, load_scenario, scenario_from_dict
+from prescient.sim.workload import parse_length_spec
+
+
+def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("simulate", help="replay a workload through policies on a simulated cluster")
+    p.add_argument("--scenario", type=Path, help="YAML or TOML scenario file (flags override it)")
+    p.add_argument("--policy", help="comma-separated policies to compare (default: all baselines)")
+    p.add_argument("--trace", help="bundled trace name (azure-conv, azure-code) or a file path")
+    p.add_argument("--workload", choices=("trace", "synthetic", "sessions"))
+    p.add_argument("--rate", type=float, help="synthetic arrival rate, requests/s")
+    p.add_argument("--arrival", choices=("poisson", "gamma"), help="synthetic arrival process")
+    p.add_argument("--cv", type=float, help="gamma inter-arrival coefficient of variation")
+    p.add_argument(
+        "--prompt-len", help="synthetic prompt lengths, e.g. lognormal:mean=1155,median=1020"
+    )
+    p.add_argument("--output-len", help="synthetic output lengths, e.g. uniform:50:400")
+    p.add_argument("--rate-scale", type=float, help="compress time by this factor (default 20)")
+    p.add_argument("--duration", type=float, help="keep arrivals in the first N seconds")
+    p.add_argument("--num-requests", type=int, help="keep the first N requests")
+    p.add_argument("--warmup", type=float, help="seconds excluded from statistics at the start")
+    p.add_argument("--cooldown", type=float, help="seconds excluded from statistics at the end")
+    p.add_argument("--instances", type=int, help="number of instances (default 8)")
+    p.add_argument("--preset", help="engine preset, or groups: llama3-8b-h100:4,llama3-8b-a100:4")
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ttft-slo", type=float, help="TTFT SLO in ms (default 6000)")
+    p.add_argument("--tpot-slo", type=float, help="TPOT SLO in ms (default 50)")
+    p.add_argument("--cms-pull-status-interval-ms", type=float)
+    p.add_argument("--status-push-interval-ms", type=float)
+    p.add_argument("--goodput", action="store_true",
+                   help="also search each policy's goodput (many runs)")
+    p.add_argument("--out", type=Path, help="write results.json, per-request CSVs and plots here")
+    p.add_argument("--summary-json", action="store_true",
+                   help="print the deterministic summary JSON instead of the table")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--list-presets", action="store_true", help="list engine presets and exit")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prescient", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prescient {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _simulate_parser(sub)
+    return parser
+
+
+def _set(data: dict[str, Any], path: str, value: object) -> None:
+    if value is None:
+        return
+    *parents, leaf = path.split(".")
+    for key in parents:
+        data = data.setdefault(key, {})
+    data[leaf] = value
+
+
+def _groups(text: str) -> list[dict[str, object]] | None:
+    if ":" not in text:
+        return None
+    groups: list[dict[str, object]] = []
+    for part in text.split(","):
+        name, _, count = part.partition(":")
+        if not count.isdigit():
+            raise ConfigError(f"--preset: expected NAME:COUNT, got {part!r}")
+        groups.append({"preset": name, "count": int(count)})
+    return groups
+
+
+def build_scenario(args: argparse.Namespace) -> Scenario:
+    """The scenario file (or the defaults) with every given flag applied on top."""
+    base = load_scenario(args.scenario) if args.scenario else Scenario()
+    data: dict[str, Any] = msgspec.to_builtins(base)
+    if args.policy is not None:
+        data["policies"] = [p.strip() for p in args.policy.split(",") if p.strip()]
+    if args.trace is not None:
+        _set(data, "workload.kind", "trace")
+    for flag, spec in (("prompt_len", args.prompt_len), ("output_len", args.output_len)):
+        if spec is not None:
+            parse_length_spec(spec)  # fail early, naming the bad text
+            _set(data, f"workload.synthetic.{flag.split('_')[0]}", spec)
+    if args.rate is not None and args.workload is None and args.trace is None:
+        _set(data, "workload.kind", "synthetic")
+    if args.preset is not None:
+        groups = _groups(args.preset)
+        if groups is None:
+            _set(data, "cluster.preset", args.preset)
+            data["cluster"]["groups"] = []
+        else:
+            _set(data, "cluster.groups", groups)
+    for path, value in (
+        ("workload.kind", args.workload), ("workload.trace", args.trace),
+        ("workload.synthetic.rate", args.rate), ("workload.synthetic.arrival", args.arrival),
+        ("workload.synthetic.cv", args.cv), ("workload.rate_scale", args.rate_scale),
+        ("workload.duration_s", args.duration), ("workload.num_requests", args.num_requests),
+        ("workload.warmup_s", args.warmup), ("workload.cooldown_s", args.cooldown),
+        ("cluster.instances", args.instances), ("cluster.max_num_seqs", args.max_num_seqs),
+        ("cluster.max_num_batched_tokens", args.max_num_batched_tokens), ("seed", args.seed),
+        ("slo.ttft_ms", args.ttft_slo), ("slo.tpot_ms", args.tpot_slo),
+        ("observation.cms_pull_status_interval_ms", args.cms_pull_status_interval_ms),
+        ("observation.status_push_interval_ms", args.status_push_interval_ms),
+    ):
+        _set(data, path, value)
+    scenario = scenario_from_dict(data, "command line")
+    _validate(scenario)
+    return scenario
+
+
+def _validate(s: Scenario) -> None:
+    experiment.check_policies(s.policies)
+    for group in s.cluster.groups or ():
+        get_preset(group.preset)
+    if not s.cluster.groups:
+        get_preset(s.cluster.preset)
+    if s.workload.rate_scale <= 0:
+        raise ConfigError(f"--rate-scale must be > 0, got {s.workload.rate_scale}")
+    if s.cluster.instances < 1:
+        raise ConfigError(f"--instances must be >= 1, got {s.cluster.instances}")
+
+
+def _progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(), console=console, transient=True, disable=not enabled,
+    )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # pipes and files get the whole table, not 80 columns
+    if args.list_presets:
+        for name in preset_names():
+            console.print(f"{name:24} {get_preset(name).source}")
+        return 0
+    scenario = build_scenario(args)
+    base = experiment.base_requests(scenario)
+    requests = experiment.shape_requests(base, scenario, scenario.workload.rate_scale)
+    horizon = max(r.arrival_time for r in requests) or 1.0
+    show = not args.no_progress and not args.summary_json and console.is_terminal
+    results, summaries, wall = [], [], {}
+    with _progress_bar(console, show) as bar:
+        for policy in scenario.policies:
+            task = bar.add_task(policy, total=horizon)
+            started = time.perf_counter()
+            result = experiment.run_policy(
+                scenario, requests, policy, lambda now, t=task: bar.update(t, completed=now))
+            wall[policy] = time.perf_counter() - started
+            bar.update(task, completed=horizon)
+            results.append(result)
+            summaries.append(experiment.summarize_result(result, scenario))
+    if args.summary_json:
+        sys.stdout.buffer.write(summary_to_json(summaries) + b"\n")
+    else:
+        _print_report(console, scenario, requests, results, summaries, wall)
+    if args.goodput:
+        for policy in scenario.policies:
+            g = experiment.goodput(scenario, base, policy)
+            console.print(f"goodput {policy:16} rate scale {g:.2f} (>= 90% SLO attainment)")
+    if args.out:
+        paths = write_results(
+            args.out, summaries=summaries,
+            records_by_policy={r.policy: r.records for r in results},
+            load_by_policy={r.policy: r.load for r in results},
+            scenario=msgspec.to_builtins(scenario),
+        )
+        console.print(f"wrote {len(paths)} files to {args.out}")
+    return 0
+
+
+def _print_report(console: Console, scenario: Scenario, requests: Sequence[object],
+                  results: Sequence[experiment.SimResult], summaries: Sequence[object],
+                  wall: dict[str, float]) -> None:
+    c, w = scenario.cluster, scenario.workload
+    groups = [(g.count, g.preset) for g in c.groups] or [(c.instances, c.preset)]
+    cluster = ", ".join(f"{n} x {preset}" for n, preset in groups)
+    source = w.trace if w.kind == "trace" else w.kind
+    console.print(f"[bold]prescient simulate[/]: {len(requests)} requests ({source}, rate x"
+                  f"{w.rate_scale:g}) on {cluster}; status poll "
+                  f"{scenario.observation.cms_pull_status_interval_ms:g} ms")
+    render_table(summaries, slo=experiment.slo_spec(scenario), console=console)  # type: ignore[arg-type]
+    speed = ", ".join(f"{r.policy} {r.sim_time_s / max(wall[r.policy], 1e-9):.0f}x"
+                      for r in results)
+    console.print(f"simulated {results[0].sim_time_s:.0f} s; speed vs real time: {speed}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return cmd_simulate(args)
+    except PrescientError as e:
+        print(f"prescient: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The simulated engine: a vLLM-like step function with paged KV and a prefix cache."""
+
+from prescient.engine.core import EngineConfig, EngineRequest, SimEngine, StepOutcome
+from prescient.engine.kv_cache import BlockPool
+from prescient.engine.step_time import AnalyticStepTime, StepTimeModel, TableStepTime
+
+__all__ = [
+    "AnalyticStepTime",
+    "BlockPool",
+    "EngineConfig",
+    "EngineRequest",
+    "SimEngine",
+    "StepOutcome",
+    "StepTimeModel",
+    "TableStepTime",
+]

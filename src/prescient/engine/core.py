@@ -1,0 +1,528 @@
+"""The simulated engine: a vLLM-v1-like scheduler as a pure state machine.
+
+One engine step schedules work (decodes first, then running prefills, then waiting requests in
+FCFS order, under `max_num_seqs` and a `max_num_batched_tokens` budget with chunked prefill),
+allocates paged KV blocks (preempting the most recently admitted request by recompute when they
+run out), and after the step's duration emits one token for every request that computed its last
+pending token. A driver owns time:
+
+    end = engine.start_step(now)     # plan the next step(s); None when there is nothing to do
+    outcome = engine.complete_step() # at `end`: commit, get finished requests
+    engine.interrupt(now)            # new input arrived: cut a run of decode steps short
+
+Runs of identical decode-only steps are skipped in closed form. A decoding request is not updated
+per step: it is anchored at the step `g0` where it started decoding with `out0` tokens, so at
+global step `s` it has `out0 + s - g0` tokens, and needs `a + s` KV slots with
+`a = prompt_len + out0 - g0`. Engine-wide sums of `a` and counts of `a mod block_size` then give
+the KV tokens read by step `s` and the blocks allocated by any span of steps in O(block_size);
+a heap of finish steps gives the next completion. A run ends at the first completion, when the
+KV blocks would run out, or when `interrupt` is called.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from itertools import count, islice
+
+import msgspec
+
+from prescient.engine.kv_cache import BlockPool
+from prescient.engine.step_time import StepTimeModel
+from prescient.engine.steps import count_starts, run_time
+from prescient.model import InstanceStatus, Request
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Engine limits, as vLLM names them."""
+
+    num_gpu_blocks: int  # KV capacity in blocks
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 256  # running requests at most
+    max_num_batched_tokens: int = 8192  # tokens scheduled per step at most
+    watermark: float = 0.01  # fraction of blocks kept free when admitting a request
+    enable_prefix_caching: bool = True
+    max_model_len: int = 131072  # prompt + output tokens at most
+    recent_waiting_s: float = 10.0  # window of `recent_waiting_requests`, seconds
+
+    def __post_init__(self) -> None:
+        if self.num_gpu_blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:
+            raise ValueError("num_gpu_blocks, block_size and max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every decode runs)")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError("watermark must be in [0, 1)")
+
+
+class EngineRequest:
+    """A request inside one engine. Decode progress is kept relative to an anchor step."""
+
+    __slots__ = ("a", "arrival_time", "coverage_blocks", "epoch", "finish_step", "finish_time",
+                 "first_scheduled_time", "first_token_time", "g0", "hashes", "num_blocks",
+                 "num_cached_tokens", "num_computed", "num_output", "num_preemptions", "owned",
+                 "request", "request_id")
+
+    def __init__(self, request: Request, now: float, coverage_blocks: int) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.arrival_time = now  # seconds, when the engine received it
+        self.num_output = 0  # tokens sampled (as of the anchor while decoding)
+        self.num_computed = 0  # tokens with KV (as of the anchor while decoding)
+        self.num_blocks = 0  # blocks held (as of the anchor while decoding)
+        self.coverage_blocks = coverage_blocks  # leading blocks whose content can be shared
+        self.hashes: list[int] = []  # chain hashes of the shareable blocks, computed lazily
+        self.owned: list[int | None] = []  # per full shareable block: cached hash or None
+        self.g0 = -1  # anchor step while decoding, else -1
+        self.a = 0  # KV slots needed at step s are a + s while decoding
+        self.finish_step = 0  # engine step count at which it has all its tokens
+        self.epoch = 0  # invalidates stale finish-heap entries
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prefix-cache hit at first admission, tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus sampled tokens (as of the anchor while decoding)."""
+        return self.request.prompt_len + self.num_output
+
+    def __repr__(self) -> str:
+        return f"EngineRequest({self.request_id!r}, out={self.num_output})"
+
+
+class StepOutcome(msgspec.Struct, frozen=True):
+    """What a committed step (or run of decode steps) produced."""
+
+    end_time: float  # seconds
+    num_steps: int
+    finished: tuple[EngineRequest, ...]
+
+
+class _Plan(msgspec.Struct):
+    """The step or run in flight: `n` steps from `start`, step k taking `alpha + beta * k`."""
+
+    start: float
+    n: int
+    alpha: float
+    beta: float
+    chunks: list[tuple[EngineRequest, int]]  # prefill work of a single step
+    num_waiting: int  # waiting queue length right after scheduling
+    prefill_tokens: int  # prefill tokens scheduled
+    sampled_tokens: int  # of which in chunks of more than one token (the profiling sample)
+
+    @property
+    def end(self) -> float:
+        return self.start + run_time(self.alpha, self.beta, self.n)
+
+
+class SimEngine:
+    """One simulated instance. Pure: time comes in as `now`, nothing is read or written."""
+
+    def __init__(
+        self, instance_id: str, config: EngineConfig, model: StepTimeModel,
+        *, skip_decode_runs: bool = True,
+    ) -> None:
+        self.instance_id = instance_id
+        self.skip_decode_runs = skip_decode_runs  # False steps one by one (for cross-checks)
+        self.config = config
+        self.model = model
+        self.pool = BlockPool(config.num_gpu_blocks, config.block_size)
+        self._bs = config.block_size
+        self._watermark_blocks = int(config.watermark * config.num_gpu_blocks)
+        self._step = 0  # steps completed
+        self._num_updates = 0  # status updates produced
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: dict[str, EngineRequest] = {}  # admission order
+        self._prefilling: list[EngineRequest] = []  # running, still computing their tokens
+        self._dec_count = 0
+        self._dec_a_sum = 0
+        self._dec_finish_sum = 0
+        self._dec_residue = [0] * config.block_size  # decoding requests by a mod block_size
+        self._finish_heap: list[tuple[int, int, int, EngineRequest]] = []
+        self._heap_seq = count()
+        self._plan: _Plan | None = None
+        self._sample: tuple[int, int, float] = (-1, 0, 0.0)  # profiling id, tokens, ms
+
+    # ---- public surface -------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """A step or run is in flight."""
+        return self._plan is not None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    @property
+    def num_steps(self) -> int:
+        return self._step
+
+    def add_request(self, request: Request, now: float) -> str:
+        """Queue a request. Returns "" or why it was refused (it could never run here)."""
+        total = request.prompt_len + request.output_len
+        if total > self.config.max_model_len:
+            return f"prompt + output ({total} tokens) exceed max_model_len"
+        if -(-total // self._bs) > self.config.num_gpu_blocks - self._watermark_blocks:
+            return f"prompt + output ({total} tokens) exceed the KV cache capacity"
+        req = EngineRequest(request, now, self._coverage_blocks(request))
+        self._waiting.append(req)
+        return ""
+
+    def start_step(self, now: float) -> float | None:
+        """Schedule the next step (or run of decode steps) at `now`; return its end time."""
+        if self._plan is not None:
+            raise RuntimeError(f"{self.instance_id}: a step is already in flight")
+        if not self.has_work:
+            return None
+        self._num_updates += 1
+        self._plan = self._schedule(now)
+        return self._plan.end
+
+    def interrupt(self, now: float) -> float:
+        """New input at `now`: end the current run at the first step boundary after `now`."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError(f"{self.instance_id}: nothing in flight to interrupt")
+        if plan.n > 1:
+            plan.n = max(1, count_starts(plan.alpha, plan.beta, plan.n, now - plan.start, True))
+        return plan.end
+
+    def complete_step(self) -> StepOutcome:
+        """Commit the step or run in flight at its end time."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError(f"{self.instance_id}: no step in flight")
+        self._plan = None
+        end = plan.end
+        self.pool.allocate(self._decode_need(self._step, plan.n))
+        self._step += plan.n
+        self._num_updates += plan.n - 1
+        last_ms = (plan.alpha + plan.beta * (plan.n - 1)) * 1000.0
+        self._sample = (self._step - 1, plan.sampled_tokens, last_ms)
+        finished: list[EngineRequest] = []
+        for req, n in plan.chunks:
+            self._advance_prefill(req, n, end, finished)
+        self._pop_finished_decodes(end, finished)
+        if not self.has_work:
+            self._num_updates += 1  # the idle status
+        return StepOutcome(end, plan.n, tuple(finished))
+
+    def snapshot(self, now: float, timestamp_ms: int) -> InstanceStatus:
+        """The status the engine last produced at or before `now` (after scheduling, or idle)."""
+        plan = self._plan
+        if plan is None:
+            return self._status(self._step, 0, len(self._waiting), 0, self._sample, now,
+                                timestamp_ms, self._num_updates)
+        j = count_starts(plan.alpha, plan.beta, plan.n, now - plan.start, False)
+        j = max(1, j)
+        sample = self._sample
+        if j >= 2:
+            sample = (self._step + j - 2, 0, (plan.alpha + plan.beta * (j - 2)) * 1000.0)
+        return self._status(self._step + j - 1, self._decode_need(self._step, j),
+                            plan.num_waiting, plan.prefill_tokens, sample, now, timestamp_ms,
+                            self._num_updates + j - 1)
+
+    def outstanding_tokens(self, now: float) -> tuple[int, int]:
+        """True remaining work: (prefill tokens to compute, decode tokens to generate)."""
+        step = self._step
+        plan = self._plan
+        if plan is not None and plan.n > 1:
+            step += max(1, count_starts(plan.alpha, plan.beta, plan.n, now - plan.start, False)) - 1
+        prefill = sum(r.num_tokens - r.num_computed for r in self._prefilling)
+        prefill += sum(r.num_tokens for r in self._waiting)
+        decode = self._dec_finish_sum - self._dec_count * step
+        decode += sum(r.request.output_len - r.num_output for r in self._prefilling)
+        decode += sum(r.request.output_len - r.num_output for r in self._waiting)
+        return prefill, decode
+
+    # ---- scheduling ------------------------------------------------------------------------
+
+    def _schedule(self, now: float) -> _Plan:
+        step = self._step
+        dec_need = self._reserve_decode_blocks(step)
+        budget = self.config.max_num_batched_tokens - self._dec_count
+        chunks: list[tuple[EngineRequest, int]] = []
+        budget = self._schedule_running_prefills(step, budget, chunks)
+        dec_need = self._decode_need(step, 1)
+        self._admit_waiting(now, budget, dec_need, chunks)
+        if chunks:
+            return self._single_step_plan(now, step, chunks)
+        if not self._dec_count:
+            raise RuntimeError(f"{self.instance_id}: work queued but nothing schedulable")
+        return self._decode_run_plan(now, step)
+
+    def _reserve_decode_blocks(self, step: int) -> int:
+        need = self._decode_need(step, 1)
+        while need > self.pool.num_free:
+            self._preempt(self._last_running(), step)
+            need = self._decode_need(step, 1)
+        return need
+
+    def _schedule_running_prefills(
+        self, step: int, budget: int, chunks: list[tuple[EngineRequest, int]]
+    ) -> int:
+        bs = self._bs
+        for req in list(self._prefilling):
+            if budget <= 0:
+                break
+            if req.request_id not in self._running:
+                continue  # preempted by an earlier request of this loop
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = -(-(req.num_computed + n) // bs) - req.num_blocks
+            while need > self.pool.num_free - self._decode_need(step, 1):
+                victim = self._last_running()
+                self._preempt(victim, step)
+                if victim is req:
+                    return budget
+            self.pool.allocate(need)
+            req.num_blocks += need
+            chunks.append((req, n))
+            budget -= n
+        return budget
+
+    def _admit_waiting(
+        self, now: float, budget: int, dec_need: int, chunks: list[tuple[EngineRequest, int]]
+    ) -> None:
+        bs, pool, waiting = self._bs, self.pool, self._waiting
+        while waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            req = waiting[0]
+            hit, hit_free = 0, 0
+            max_hit = min(req.coverage_blocks, (req.num_tokens - 1) // bs)
+            if max_hit > 0:
+                hit, hit_free = pool.hit_blocks(self._hashes(req, max_hit)[:max_hit])
+            n = min(req.num_tokens - hit * bs, budget)
+            need = -(-(hit * bs + n) // bs) - hit
+            if need + hit_free > pool.num_free - dec_need - self._watermark_blocks:
+                break
+            waiting.popleft()
+            pool.acquire(req.hashes[:hit])
+            pool.allocate(need)
+            req.owned = list(req.hashes[:hit])
+            req.num_blocks = hit + need
+            req.num_computed = hit * bs
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+                req.num_cached_tokens = hit * bs
+            self._running[req.request_id] = req
+            self._prefilling.append(req)
+            chunks.append((req, n))
+            budget -= n
+
+    def _single_step_plan(
+        self, now: float, step: int, chunks: list[tuple[EngineRequest, int]]
+    ) -> _Plan:
+        tokens = sum(n for _, n in chunks)
+        pairs = sum(n * (r.num_computed + n / 2) for r, n in chunks)
+        kv = self._dec_a_sum + self._dec_count * step
+        duration = self.model.step_time(tokens, pairs, self._dec_count, kv)
+        if duration <= 0:
+            raise ValueError(f"{self.instance_id}: step-time model returned {duration}")
+        sampled = sum(n for _, n in chunks if n > 1)
+        return _Plan(now, 1, duration, 0.0, chunks, len(self._waiting), tokens, sampled)
+
+    def _decode_run_plan(self, now: float, step: int) -> _Plan:
+        heap = self._finish_heap
+        while heap[0][2] != heap[0][3].epoch:
+            heapq.heappop(heap)
+        n = min(heap[0][0] - step, self._max_run_by_blocks(step, self.pool.num_free))
+        if not self.skip_decode_runs:
+            n = 1
+        count_, kv = self._dec_count, self._dec_a_sum + self._dec_count * step
+        alpha = self.model.step_time(0, 0.0, count_, kv)
+        beta = self.model.step_time(0, 0.0, count_, kv + count_) - alpha
+        if alpha <= 0 or beta < 0:
+            raise ValueError(f"{self.instance_id}: step-time model is not increasing in KV reads")
+        return _Plan(now, max(1, n), alpha, beta, [], len(self._waiting), 0, 0)
+
+    # ---- commit ------------------------------------------------------------------------------
+
+    def _advance_prefill(
+        self, req: EngineRequest, n: int, end: float, finished: list[EngineRequest]
+    ) -> None:
+        req.num_computed += n
+        self._register_full_blocks(req)
+        if req.num_computed < req.num_tokens:
+            return
+        req.num_output += 1
+        if req.first_token_time is None:
+            req.first_token_time = end
+        self._prefilling.remove(req)
+        if req.num_output >= req.request.output_len:
+            self._finish(req, end, finished)
+        else:
+            self._enter_decode(req, self._step)
+
+    def _pop_finished_decodes(self, end: float, finished: list[EngineRequest]) -> None:
+        heap = self._finish_heap
+        while heap and heap[0][0] <= self._step:
+            _, _, epoch, req = heapq.heappop(heap)
+            if epoch != req.epoch:
+                continue
+            self._leave_decode(req, self._step)
+            self._finish(req, end, finished)
+
+    def _finish(self, req: EngineRequest, end: float, finished: list[EngineRequest]) -> None:
+        del self._running[req.request_id]
+        self._release(req)
+        req.finish_time = end
+        finished.append(req)
+
+    # ---- decode anchoring -----------------------------------------------------------------
+
+    def _enter_decode(self, req: EngineRequest, step: int) -> None:
+        req.g0 = step
+        req.a = req.num_tokens - step
+        req.finish_step = step + req.request.output_len - req.num_output
+        req.epoch += 1
+        self._dec_count += 1
+        self._dec_a_sum += req.a
+        self._dec_finish_sum += req.finish_step
+        self._dec_residue[req.a % self._bs] += 1
+        heapq.heappush(self._finish_heap, (req.finish_step, next(self._heap_seq), req.epoch, req))
+
+    def _leave_decode(self, req: EngineRequest, step: int) -> None:
+        """Materialise a decoding request's counters as of `step` (between steps)."""
+        req.num_output += step - req.g0
+        req.num_computed = req.num_tokens - 1
+        req.num_blocks = -(-req.num_computed // self._bs)
+        self._dec_count -= 1
+        self._dec_a_sum -= req.a
+        self._dec_finish_sum -= req.finish_step
+        self._dec_residue[req.a % self._bs] -= 1
+        req.g0 = -1
+        req.epoch += 1
+        self._register_full_blocks(req)
+
+    def _decode_need(self, step: int, n: int) -> int:
+        """Blocks the decoding requests allocate over steps `step .. step + n - 1`.
+
+        A request needs a new block at step s exactly when `a + s - 1` is a multiple of the
+        block size; any `block_size` consecutive steps need one block per request.
+        """
+        if not self._dec_count:
+            return 0
+        bs, residue = self._bs, self._dec_residue
+        full, rest = divmod(n, bs)
+        need = full * self._dec_count
+        for j in range(rest):
+            need += residue[(1 - step - j) % bs]
+        return need
+
+    def _max_run_by_blocks(self, step: int, free: int) -> int:
+        """The longest decode run whose block allocations fit in `free` blocks."""
+        bs, residue = self._bs, self._dec_residue
+        cycles = free // self._dec_count
+        n, used = cycles * bs, cycles * self._dec_count
+        for _ in range(bs):
+            need = residue[(1 - step - n) % bs]
+            if used + need > free:
+                break
+            used += need
+            n += 1
+        return n
+
+    # ---- blocks and preemption --------------------------------------------------------------
+
+    def _last_running(self) -> EngineRequest:
+        return self._running[next(reversed(self._running))]
+
+    def _preempt(self, req: EngineRequest, step: int) -> None:
+        """Preempt by recompute: free everything, requeue at the front of the waiting queue."""
+        if req.g0 >= 0:
+            self._leave_decode(req, step)
+        else:
+            self._prefilling.remove(req)
+        del self._running[req.request_id]
+        self._release(req)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self._waiting.appendleft(req)
+
+    def _release(self, req: EngineRequest) -> None:
+        held = [h for h in req.owned if h is not None]
+        self.pool.release(held, req.num_blocks - len(held))
+        req.owned = []
+        req.num_blocks = 0
+
+    def _register_full_blocks(self, req: EngineRequest) -> None:
+        full = min(req.num_computed // self._bs, req.coverage_blocks)
+        if full <= len(req.owned):
+            return
+        hashes = self._hashes(req, full)
+        for b in range(len(req.owned), full):
+            h = hashes[b]
+            req.owned.append(h if self.pool.register(h) else None)
+
+    # ---- prefix hashing ------------------------------------------------------------------
+
+    def _coverage_blocks(self, request: Request) -> int:
+        """Leading blocks of the request whose content another request could share."""
+        if not self.config.enable_prefix_caching:
+            return 0
+        if request.prompt_token_ids is not None:
+            tokens = request.prompt_len
+        else:
+            tokens = len(request.prefix_block_ids) * request.prefix_block_size
+        return min(tokens, request.prompt_len + request.output_len) // self._bs
+
+    def _hashes(self, req: EngineRequest, upto: int) -> list[int]:
+        """Chain hashes of the request's first `upto` blocks (cached on the request)."""
+        hashes = req.hashes
+        if len(hashes) >= upto:
+            return hashes
+        bs, request = self._bs, req.request
+        h = hashes[-1] if hashes else 0
+        token_ids, ids = request.prompt_token_ids, request.prefix_block_ids
+        size = request.prefix_block_size
+        for b in range(len(hashes), upto):
+            s = b * bs
+            if token_ids is not None:
+                key: tuple[int, ...] = tuple(token_ids[s:s + bs])
+            else:
+                key = (ids[s // size], s % size, ids[(s + bs - 1) // size])
+            h = hash((h, key))
+            hashes.append(h)
+        return hashes
+
+    # ---- status ----------------------------------------------------------------------------
+
+    def _status(
+        self, step: int, dec_need: int, num_waiting: int, scheduled_prefill: int,
+        sample: tuple[int, int, float], now: float, timestamp_ms: int, update_id: int,
+    ) -> InstanceStatus:
+        bs = self._bs
+        waiting = list(islice(self._waiting, num_waiting))
+        horizon = now - self.config.recent_waiting_s
+        waiting_tokens = sum(r.num_tokens for r in waiting)
+        to_decode = [r for r in waiting if r.request.output_len > 1]
+        prefill_left = sum(r.num_tokens - r.num_computed for r in self._prefilling)
+        pf_to_decode = [r for r in self._prefilling if r.request.output_len > 1]
+        dec_tokens = self._dec_a_sum + self._dec_count * step
+        dec_tokens += sum(r.num_tokens for r in pf_to_decode)
+        recent = tuple(r.request_id for r in waiting if r.arrival_time >= horizon)
+        used_blocks = self.pool.num_blocks - (self.pool.num_free - dec_need)
+        return InstanceStatus(
+            instance_id=self.instance_id,
+            timestamp_ms=timestamp_ms,
+            step_id=step,
+            update_id=update_id,
+            recent_waiting_requests=recent,
+            waiting_requests=tuple(r.request_id for r in waiting),
+            scheduler_waiting_to_decode_requests_num=len(to_decode),
+            num_waiting_requests=len(waiting),
+            scheduler_running_to_decode_requests_num=self._dec_count + len(pf_to_decode),
+            num_running_requests=len(self._running),
+            num_total_gpu_tokens=self.pool.num_blocks * bs,
+            num_used_gpu_tokens=used_blocks * bs,
+            num_uncomputed_tokens_scheduler_waiting_prefills=waiting_tokens,
+            scheduler_waiting_to_decode_tokens_num=sum(r.num_tokens for r in to_decode),
+            num_uncomputed_tokens_scheduler_running_prefills=prefill_left,
+            num_unallocated_tokens_scheduler_running_prefills=prefill_left - scheduled_prefill,
+            scheduler_running_to_decode_tokens_num=dec_tokens,
+            num_uncomputed_tokens_all_waiting_prefills=waiting_tokens,
+            profiling_id=sample[0],
+            num_scheduled_prefill_tokens=sample[1],
+            step_duration=sample[2],
+        )

@@ -1,0 +1,232 @@
+"""The discrete-event cluster: simulated engines, llumlet pushes, CMS polls, and a policy.
+
+Staleness is modelled as in Llumnix. Each engine produces a status after every scheduling
+decision and when it goes idle; its llumlet pushes the newest one to the CMS every
+`status_push_interval_s` (each instance at its own phase); the scheduler polls the CMS every
+`cms_pull_status_interval_s`. The policy only ever sees what the last poll read. Pushes between
+two polls overwrite each other, so only the last push before each poll is simulated (a
+`capture` event), which gives the same view at a fraction of the events.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from prescient.engine import EngineConfig, EngineRequest, SimEngine
+from prescient.engine.presets import get_preset
+from prescient.errors import ConfigError
+from prescient.model import InstanceMetadata, InstanceStatus, Request
+from prescient.policy import ClusterView, DispatchPolicy, InstanceView, make_policy
+from prescient.sim.loop import EventLoop, Order
+from prescient.sim.oracle import oracle_policy
+from prescient.sim.records import LoadSample, RequestRecord
+
+
+class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One simulated instance: a preset and optional engine limits."""
+
+    instance_id: str
+    preset: str = "llama3-8b-h100"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_gpu_blocks: int | None = None  # None: the preset's capacity
+    enable_prefix_caching: bool = True
+
+
+class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How the simulation observes and samples the cluster. Times in seconds."""
+
+    seed: int = 0
+    status_push_interval_s: float = 0.04  # LLUMNIX_STATUS_PUSH_INTERVAL (code default)
+    cms_pull_status_interval_s: float = 0.5  # --cms-pull-status-interval-ms 500
+    load_sample_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("status_push_interval_s", "cms_pull_status_interval_s",
+                     "load_sample_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")
+
+
+class SimResult(msgspec.Struct, kw_only=True):
+    """What one policy did with one workload."""
+
+    policy: str
+    records: list[RequestRecord]
+    load: list[LoadSample]
+    num_steps: int  # engine steps simulated, all instances
+    sim_time_s: float  # simulated seconds until the last request finished
+
+
+def build_engines(instances: Sequence[InstanceSpec]) -> dict[str, SimEngine]:
+    """Engines by id, from their presets. Duplicate ids raise `ConfigError`."""
+    engines: dict[str, SimEngine] = {}
+    for spec in instances:
+        if spec.instance_id in engines:
+            raise ConfigError(f"duplicate instance id {spec.instance_id!r}")
+        preset = get_preset(spec.preset)
+        try:
+            config = EngineConfig(
+                num_gpu_blocks=spec.num_gpu_blocks or preset.num_gpu_blocks,
+                block_size=preset.block_size,
+                max_num_seqs=spec.max_num_seqs,
+                max_num_batched_tokens=spec.max_num_batched_tokens,
+                enable_prefix_caching=spec.enable_prefix_caching,
+            )
+        except ValueError as e:
+            raise ConfigError(f"instance {spec.instance_id}: {e}") from e
+        engines[spec.instance_id] = SimEngine(spec.instance_id, config, preset.step_model)
+    return engines
+
+
+class ClusterSim:
+    """One run: a workload through a policy onto simulated engines."""
+
+    def __init__(
+        self,
+        requests: Sequence[Request],
+        instances: Sequence[InstanceSpec],
+        policy_name: str,
+        settings: SimSettings,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        if not instances:
+            raise ConfigError("the cluster needs at least one instance")
+        self.settings = settings
+        self.requests = sorted(requests, key=lambda r: r.arrival_time)
+        self.engines = build_engines(instances)
+        rng = random.Random(settings.seed)
+        self.policy: DispatchPolicy = make_policy(
+            policy_name, random.Random(rng.getrandbits(64)),
+            extra={"oracle": lambda r: oracle_policy(self.engines, r)},
+        )
+        self.loop = EventLoop()
+        self.view = ClusterView([
+            InstanceView(InstanceMetadata(
+                instance_id=iid, unit_id=iid, block_size=e.config.block_size,
+                max_num_batched_tokens=e.config.max_num_batched_tokens))
+            for iid, e in self.engines.items()
+        ])
+        self._cms: dict[str, InstanceStatus] = {}
+        self._push_phase = {iid: rng.uniform(0, settings.status_push_interval_s)
+                            for iid in self.engines}
+        self._step_end: dict[str, float] = {}
+        self._records: dict[str, RequestRecord] = {}
+        self._load: list[LoadSample] = []
+        self._num_open = len(self.requests)
+        self._progress = progress
+
+    def run(self) -> SimResult:
+        for req in self.requests:
+            self.loop.at(req.arrival_time, Order.ARRIVAL, self._arrive, req)
+        self.loop.at(0.0, Order.POLL, self._poll)
+        self.loop.at(0.0, Order.SAMPLE, self._sample)
+        if self._num_open:
+            self.loop.run(stop=lambda: self._num_open == 0)
+        records = [self._records[r.request_id] for r in self.requests]
+        return SimResult(
+            policy=self.policy.name, records=records, load=self._load,
+            num_steps=sum(e.num_steps for e in self.engines.values()), sim_time_s=self.loop.now,
+        )
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def _arrive(self, req: Request) -> None:
+        now = self.loop.now
+        record = RequestRecord(request_id=req.request_id, arrival_time=req.arrival_time,
+                               prompt_len=req.prompt_len, output_len=req.output_len)
+        self._records[req.request_id] = record
+        decision = self.policy.schedule(req, self.view, now)
+        iid = decision.instance_id
+        if iid is None:
+            self._reject(record, "no available instance")
+            return
+        record.instance_id = iid
+        self.policy.on_dispatched(decision, req, now)
+        engine = self.engines[iid]
+        refused = engine.add_request(req, now)
+        if refused:
+            self.policy.on_finished(req.request_id, now)
+            self._reject(record, refused)
+        elif engine.busy:
+            end = engine.interrupt(now)
+            if end != self._step_end[iid]:
+                self._schedule_step_end(iid, end)
+        else:
+            self._start(iid)
+
+    def _reject(self, record: RequestRecord, why: str) -> None:
+        record.rejected = why
+        self._num_open -= 1
+
+    def _start(self, iid: str) -> None:
+        end = self.engines[iid].start_step(self.loop.now)
+        if end is not None:
+            self._schedule_step_end(iid, end)
+
+    def _schedule_step_end(self, iid: str, end: float) -> None:
+        self._step_end[iid] = end
+        self.loop.at(end, Order.STEP_END, self._on_step_end, iid, end)
+
+    def _on_step_end(self, iid: str, end: float) -> None:
+        if self._step_end.get(iid) != end:
+            return  # superseded by an interrupt
+        outcome = self.engines[iid].complete_step()
+        for req in outcome.finished:
+            self._finish(req)
+        self._start(iid)
+
+    def _finish(self, req: EngineRequest) -> None:
+        record = self._records[req.request_id]
+        record.first_scheduled_time = req.first_scheduled_time
+        record.first_token_time = req.first_token_time
+        record.finish_time = req.finish_time
+        record.num_preemptions = req.num_preemptions
+        record.num_cached_tokens = req.num_cached_tokens
+        self.policy.on_finished(req.request_id, self.loop.now)
+        self._num_open -= 1
+
+    # ---- status: llumlet pushes and CMS polls ---------------------------------------------
+
+    def _poll(self) -> None:
+        now = self.loop.now
+        for inst in self.view:
+            status = self._cms.get(inst.instance_id)
+            if status is not None:
+                inst.status = status
+        after = now + self.settings.cms_pull_status_interval_s
+        self.loop.at(after, Order.POLL, self._poll)
+        push = self.settings.status_push_interval_s
+        for iid, phase in self._push_phase.items():
+            last_push = phase + ((after - phase) // push) * push
+            if last_push > now:
+                self.loop.at(last_push, Order.CAPTURE, self._capture, iid)
+
+    def _capture(self, iid: str) -> None:
+        now = self.loop.now
+        self._cms[iid] = self.engines[iid].snapshot(now, round(now * 1000))
+
+    def _sample(self) -> None:
+        now = self.loop.now
+        for iid, engine in self.engines.items():
+            st = engine.snapshot(now, 0)
+            usage = st.num_used_gpu_tokens / st.num_total_gpu_tokens
+            self._load.append(LoadSample(now, iid, st.num_running_requests,
+                                         st.num_waiting_requests, round(usage, 6)))
+        if self._progress is not None:
+            self._progress(now)
+        self.loop.at(now + self.settings.load_sample_interval_s, Order.SAMPLE, self._sample)
+
+
+def simulate(
+    requests: Sequence[Request],
+    instances: Sequence[InstanceSpec],
+    policy_name: str,
+    settings: SimSettings | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> SimResult:
+    """Run `requests` through `policy_name` on `instances` and return what happened."""
+    return ClusterSim(requests, instances, policy_name, settings or SimSettings(), progress).run()

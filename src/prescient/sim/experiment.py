@@ -1,0 +1,141 @@
+"""From a scenario to results: build the workload and cluster, run each policy, summarise.
+
+Every policy sees the identical request list. Goodput is the highest rate scaling at which a
+policy still meets both SLOs for at least 90% of requests, found by doubling then bisection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prescient.errors import ConfigError
+from prescient.model import Request
+from prescient.policy import POLICIES
+from prescient.sim.cluster import InstanceSpec, SimResult, SimSettings, simulate
+from prescient.sim.metrics import SloSpec, Summary, summarize
+from prescient.sim.scenario import Scenario
+from prescient.sim.traces import load_trace
+from prescient.sim.workload import (
+    parse_length_spec,
+    rebase,
+    scale_rate,
+    session_workload,
+    synthetic_workload,
+    truncate,
+)
+
+GOODPUT_ATTAINMENT = 0.9
+SIM_ONLY_POLICIES = ("oracle",)
+
+
+def check_policies(names: Sequence[str]) -> None:
+    """Fail before any run if a policy name is unknown."""
+    known = sorted([*POLICIES, *SIM_ONLY_POLICIES])
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"unknown policy {name!r}; known policies: {', '.join(known)}")
+    if not names:
+        raise ConfigError("no policy to simulate")
+
+
+def base_requests(scenario: Scenario) -> list[Request]:
+    """The workload before rate scaling and truncation."""
+    w, seed = scenario.workload, scenario.seed
+    if w.kind == "trace":
+        return load_trace(w.trace).requests
+    if w.kind == "synthetic":
+        s = w.synthetic
+        return synthetic_workload(
+            rate=s.rate, num_requests=s.num_requests, duration=s.duration_s, arrival=s.arrival,
+            cv=s.cv, prompt=parse_length_spec(s.prompt), output=parse_length_spec(s.output),
+            seed=seed,
+        )
+    s2 = w.sessions
+    return session_workload(
+        num_sessions=s2.num_sessions, turns=parse_length_spec(s2.turns),
+        session_rate=s2.session_rate, think_time=s2.think_time_s,
+        first_prompt=parse_length_spec(s2.first_prompt),
+        turn_prompt=parse_length_spec(s2.turn_prompt), output=parse_length_spec(s2.output),
+        seed=seed,
+    )
+
+
+def shape_requests(requests: Sequence[Request], scenario: Scenario, scale: float) -> list[Request]:
+    """Rebase to t=0, compress time by `scale`, then truncate by duration / count."""
+    w = scenario.workload
+    shaped = scale_rate(rebase(requests), scale)
+    if w.duration_s is not None or w.num_requests is not None:
+        shaped = truncate(shaped, duration=w.duration_s, num_requests=w.num_requests)
+    if not shaped:
+        raise ConfigError("the workload is empty after truncation")
+    return shaped
+
+
+def instance_specs(scenario: Scenario) -> list[InstanceSpec]:
+    c = scenario.cluster
+    groups = c.groups or ((c.instances, c.preset),)
+    specs: list[InstanceSpec] = []
+    for group in groups:
+        count, preset = group if isinstance(group, tuple) else (group.count, group.preset)
+        if count < 1:
+            raise ConfigError(f"cluster: instance count must be >= 1, got {count}")
+        for _ in range(count):
+            specs.append(InstanceSpec(
+                instance_id=f"inst-{len(specs):02d}", preset=preset,
+                max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                num_gpu_blocks=c.num_gpu_blocks, enable_prefix_caching=c.enable_prefix_caching,
+            ))
+    return specs
+
+
+def sim_settings(scenario: Scenario) -> SimSettings:
+    o = scenario.observation
+    return SimSettings(
+        seed=scenario.seed,
+        status_push_interval_s=o.status_push_interval_ms / 1000,
+        cms_pull_status_interval_s=o.cms_pull_status_interval_ms / 1000,
+        load_sample_interval_s=o.load_sample_interval_ms / 1000,
+    )
+
+
+def slo_spec(scenario: Scenario) -> SloSpec:
+    s = scenario.slo
+    return SloSpec(
+        ttft_s=None if s.ttft_ms is None else s.ttft_ms / 1000,
+        tpot_s=None if s.tpot_ms is None else s.tpot_ms / 1000,
+    )
+
+
+def summarize_result(result: SimResult, scenario: Scenario) -> Summary:
+    w = scenario.workload
+    return summarize(result.policy, result.records, slo=slo_spec(scenario),
+                     warmup_s=w.warmup_s, cooldown_s=w.cooldown_s)
+
+
+def run_policy(
+    scenario: Scenario, requests: Sequence[Request], policy: str,
+    progress: Callable[[float], None] | None = None,
+) -> SimResult:
+    return simulate(requests, instance_specs(scenario), policy, sim_settings(scenario), progress)
+
+
+def goodput(scenario: Scenario, base: Sequence[Request], policy: str, *, steps: int = 6) -> float:
+    """Highest rate scale with >= 90% SLO attainment (0.0 if even the smallest tried fails)."""
+
+    def ok(scale: float) -> bool:
+        result = run_policy(scenario, shape_requests(base, scenario, scale), policy)
+        attained = summarize_result(result, scenario).slo_attainment
+        return attained is not None and attained >= GOODPUT_ATTAINMENT
+
+    lo, hi = 0.0, scenario.workload.rate_scale
+    while ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            return lo
+    for _ in range(steps):
+        mid = (lo + hi) / 2 if lo else hi / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

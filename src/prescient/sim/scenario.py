@@ -1,0 +1,135 @@
+"""Scenario files: one repeatable experiment in YAML or TOML.
+
+Every key is optional; what is left out takes the default below, which is also what
+`prescient simulate` runs with no arguments. Unknown keys are errors (a typo must not silently
+fall back to a default).
+
+```yaml
+seed: 0
+policies: [round-robin, random, least-requests, power-of-two, oracle]
+cluster:
+  instances: 8                 # or groups: [{count: 4, preset: llama3-8b-a100}, ...]
+  preset: llama3-8b-h100
+  max_num_seqs: 256
+  max_num_batched_tokens: 8192
+workload:
+  kind: trace                  # trace | synthetic | sessions
+  trace: azure-conv            # bundled name or a .csv (Azure) / .jsonl (Mooncake) path
+  rate_scale: 20.0             # time compression: 20 = twenty times the trace's rate
+  duration_s: null             # keep arrivals in the first N seconds (after scaling)
+  num_requests: null
+  warmup_s: 10.0               # excluded from the statistics
+  cooldown_s: 10.0
+slo: {ttft_ms: 6000, tpot_ms: 50}
+observation: {status_push_interval_ms: 40, cms_pull_status_interval_ms: 500}
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import yaml
+
+from prescient.errors import ConfigError
+
+BASELINES = ("round-robin", "random", "least-requests", "power-of-two", "oracle")
+
+
+class InstanceGroup(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`count` instances of one preset (heterogeneous clusters list several groups)."""
+
+    count: int
+    preset: str = "llama3-8b-h100"
+
+
+class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    instances: int = 8
+    preset: str = "llama3-8b-h100"
+    groups: tuple[InstanceGroup, ...] = ()  # overrides instances/preset when given
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_gpu_blocks: int | None = None  # None: each preset's capacity
+    enable_prefix_caching: bool = True
+
+
+class SyntheticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    rate: float = 10.0  # requests per second
+    arrival: Literal["poisson", "gamma"] = "poisson"
+    cv: float = 1.0
+    prompt: str = "lognormal:mean=1155,median=1020"  # length spec, see `parse_length_spec`
+    output: str = "lognormal:mean=211,median=129"
+    num_requests: int | None = 2000
+    duration_s: float | None = None
+
+
+class SessionsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    num_sessions: int = 200
+    session_rate: float = 2.0  # new sessions per second
+    turns: str = "uniform:2:8"
+    think_time_s: float = 5.0
+    first_prompt: str = "lognormal:mean=1500,median=1200"
+    turn_prompt: str = "lognormal:mean=150,median=100"
+    output: str = "lognormal:mean=211,median=129"
+
+
+class WorkloadConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kind: Literal["trace", "synthetic", "sessions"] = "trace"
+    trace: str = "azure-conv"
+    synthetic: SyntheticConfig = SyntheticConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    rate_scale: float = 20.0
+    duration_s: float | None = None
+    num_requests: int | None = None
+    warmup_s: float = 10.0
+    cooldown_s: float = 10.0
+
+
+class SloConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ttft_ms: float | None = 6000.0  # --ttft-slo
+    tpot_ms: float | None = 50.0  # --tpot-slo
+
+
+class ObservationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    status_push_interval_ms: float = 40.0  # LLUMNIX_STATUS_PUSH_INTERVAL
+    cms_pull_status_interval_ms: float = 500.0  # --cms-pull-status-interval-ms
+    load_sample_interval_ms: float = 1000.0
+
+
+class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A whole experiment: cluster, workload, policies to compare, SLOs, observation lag."""
+
+    seed: int = 0
+    policies: tuple[str, ...] = BASELINES
+    cluster: ClusterConfig = ClusterConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+    slo: SloConfig = SloConfig()
+    observation: ObservationConfig = ObservationConfig()
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read a `.yaml`/`.yml`/`.toml` scenario; errors name the file and the offending key."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: scenario file not found")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"{path}: a scenario file must end in .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {e}") from e
+    return scenario_from_dict(data or {}, str(path))
+
+
+def scenario_from_dict(data: object, origin: str = "scenario") -> Scenario:
+    """Validate plain data (e.g. parsed YAML) into a `Scenario`."""
+    try:
+        return msgspec.convert(data, Scenario)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{origin}: {e}") from e
