@@ -288,10 +288,7 @@ class SimEngine:
         bs, pool, waiting = self._bs, self.pool, self._waiting
         while waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = waiting[0]
-            hit, hit_free = 0, 0
-            max_hit = min(req.coverage_blocks, (req.num_tokens - 1) // bs)
-            if max_hit > 0:
-                hit, hit_free = pool.hit_blocks(self._hashes(req, max_hit)[:max_hit])
+            hit, hit_free = self._prefix_hit(req)
             n = min(req.num_tokens - hit * bs, budget)
             need = -(-(hit * bs + n) // bs) - hit
             if need + hit_free > pool.num_free - dec_need - self._watermark_blocks:
@@ -457,6 +454,16 @@ class SimEngine:
 
     # ---- prefix hashing ------------------------------------------------------------------
 
+    def _prefix_hit(self, req: EngineRequest) -> tuple[int, int]:
+        """Cached leading blocks of a waiting request, and how many of those are free.
+
+        At least the last token is always computed, as in vLLM.
+        """
+        max_hit = min(req.coverage_blocks, (req.num_tokens - 1) // self._bs)
+        if max_hit <= 0:
+            return 0, 0
+        return self.pool.hit_blocks(self._hashes(req, max_hit)[:max_hit])
+
     def _coverage_blocks(self, request: Request) -> int:
         """Leading blocks of the request whose content another request could share."""
         if not self.config.enable_prefix_caching:
@@ -496,6 +503,8 @@ class SimEngine:
         waiting = list(islice(self._waiting, num_waiting))
         horizon = now - self.config.recent_waiting_s
         waiting_tokens = sum(r.num_tokens for r in waiting)
+        waiting_uncomputed = waiting_tokens - bs * sum(
+            self._prefix_hit(r)[0] for r in waiting if r.coverage_blocks)
         to_decode = [r for r in waiting if r.request.output_len > 1]
         prefill_left = sum(r.num_tokens - r.num_computed for r in self._prefilling)
         pf_to_decode = [r for r in self._prefilling if r.request.output_len > 1]
@@ -516,12 +525,12 @@ class SimEngine:
             num_running_requests=len(self._running),
             num_total_gpu_tokens=self.pool.num_blocks * bs,
             num_used_gpu_tokens=used_blocks * bs,
-            num_uncomputed_tokens_scheduler_waiting_prefills=waiting_tokens,
+            num_uncomputed_tokens_scheduler_waiting_prefills=waiting_uncomputed,
             scheduler_waiting_to_decode_tokens_num=sum(r.num_tokens for r in to_decode),
             num_uncomputed_tokens_scheduler_running_prefills=prefill_left,
             num_unallocated_tokens_scheduler_running_prefills=prefill_left - scheduled_prefill,
             scheduler_running_to_decode_tokens_num=dec_tokens,
-            num_uncomputed_tokens_all_waiting_prefills=waiting_tokens,
+            num_uncomputed_tokens_all_waiting_prefills=waiting_uncomputed,
             profiling_id=sample[0],
             num_scheduled_prefill_tokens=sample[1],
             step_duration=sample[2],

@@ -193,3 +193,15 @@ def test_engine_config_rejects_impossible_limits() -> None:
         EngineConfig(num_gpu_blocks=10, max_num_seqs=64, max_num_batched_tokens=32)
     with pytest.raises(ValueError, match="watermark"):
         EngineConfig(num_gpu_blocks=10, watermark=1.0)
+
+
+def test_waiting_prefill_tokens_in_the_status_are_net_of_prefix_hits(run) -> None:
+    tokens = tuple(range(200))
+    engine = make(max_num_seqs=1)
+    run(engine, [req("a", 200, 2, 0.0, prompt_token_ids=tokens)])
+    engine.add_request(req("c", 50, 20), 1.0)
+    engine.add_request(req("b", 200, 2, prompt_token_ids=tokens), 1.0)
+    engine.start_step(1.0)
+    st = engine.snapshot(1.0, 1000)
+    assert st.waiting_requests == ("b",)
+    assert st.num_uncomputed_tokens_all_waiting_prefills == 200 - 192
