@@ -93,20 +93,34 @@ def _groups(text: str) -> list[dict[str, object]] | None:
     return groups
 
 
+_SYNTHETIC_FLAGS = ("rate", "arrival", "cv", "prompt_len", "output_len")
+
+
 def build_scenario(args: argparse.Namespace) -> Scenario:
-    """The scenario file (or the defaults) with every given flag applied on top."""
+    """The scenario file (or the defaults) with every given flag applied on top.
+
+    Without a scenario file, choosing a workload (`--trace`, `--workload`, or any synthetic
+    flag) replays it at its own rate unless `--rate-scale` says otherwise; the x20 belongs to
+    the built-in default run only.
+    """
     base = load_scenario(args.scenario) if args.scenario else Scenario()
     data: dict[str, Any] = msgspec.to_builtins(base)
     if args.policy is not None:
         data["policies"] = [p.strip() for p in args.policy.split(",") if p.strip()]
-    if args.trace is not None:
-        _set(data, "workload.kind", "trace")
-    for flag, spec in (("prompt_len", args.prompt_len), ("output_len", args.output_len)):
+    synthetic = any(getattr(args, f) is not None for f in _SYNTHETIC_FLAGS)
+    kind = args.workload or ("trace" if args.trace else "synthetic" if synthetic else None)
+    if kind is not None and args.scenario is None and args.rate_scale is None:
+        _set(data, "workload.rate_scale", 1.0)
+    _set(data, "workload.kind", kind)
+    for flag in ("prompt_len", "output_len"):
+        spec = getattr(args, flag)
         if spec is not None:
             parse_length_spec(spec)  # fail early, naming the bad text
             _set(data, f"workload.synthetic.{flag.split('_')[0]}", spec)
-    if args.rate is not None and args.workload is None and args.trace is None:
-        _set(data, "workload.kind", "synthetic")
+    sized = args.num_requests is not None or args.duration is not None
+    if sized and data["workload"]["kind"] == "synthetic":  # size the generator, not the cut
+        _set(data, "workload.synthetic.num_requests", args.num_requests or 10**9)
+        _set(data, "workload.synthetic.duration_s", args.duration)
     if args.preset is not None:
         groups = _groups(args.preset)
         if groups is None:
@@ -115,7 +129,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         else:
             _set(data, "cluster.groups", groups)
     for path, value in (
-        ("workload.kind", args.workload), ("workload.trace", args.trace),
+        ("workload.trace", args.trace),
         ("workload.synthetic.rate", args.rate), ("workload.synthetic.arrival", args.arrival),
         ("workload.synthetic.cv", args.cv), ("workload.rate_scale", args.rate_scale),
         ("workload.duration_s", args.duration), ("workload.num_requests", args.num_requests),
@@ -127,7 +141,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         ("observation.status_push_interval_ms", args.status_push_interval_ms),
     ):
         _set(data, path, value)
-    scenario = scenario_from_dict(data, "command line")
+    scenario = scenario_from_dict(data, str(args.scenario or "command line"))
     _validate(scenario)
     return scenario
 
@@ -142,6 +156,15 @@ def _validate(s: Scenario) -> None:
         raise ConfigError(f"--rate-scale must be > 0, got {s.workload.rate_scale}")
     if s.cluster.instances < 1:
         raise ConfigError(f"--instances must be >= 1, got {s.cluster.instances}")
+    w, o = s.workload, s.observation
+    for flag, value in (("--warmup", w.warmup_s), ("--cooldown", w.cooldown_s)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    for flag, value in (("--cms-pull-status-interval-ms", o.cms_pull_status_interval_ms),
+                        ("--status-push-interval-ms", o.status_push_interval_ms),
+                        ("observation.load_sample_interval_ms", o.load_sample_interval_ms)):
+        if value <= 0:
+            raise ConfigError(f"{flag} must be > 0, got {value}")
 
 
 def _progress_bar(console: Console, enabled: bool) -> Progress:
@@ -179,6 +202,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(summary_to_json(summaries) + b"\n")
     else:
         _print_report(console, scenario, requests, results, summaries, wall)
+    if args.summary_json:
+        console = Console(stderr=True)  # stdout carries the JSON alone
     if args.goodput:
         for policy in scenario.policies:
             g = experiment.goodput(scenario, base, policy)

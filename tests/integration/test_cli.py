@@ -64,6 +64,9 @@ def test_bad_input_exits_2_with_a_one_line_message(tmp_path: Path) -> None:
         (["--scenario", bad_key], "instancez"),
         (["--trace", bad_csv], f"{bad_csv}:3:"),
         (["--trace", tmp_path / "missing.jsonl"], "not found"),
+        (["--duration", "5", "--warmup", "10"], "--warmup / --cooldown"),
+        (["--cooldown", "-1"], "--cooldown must be >= 0"),
+        (["--status-push-interval-ms", "0"], "--status-push-interval-ms"),
     ]
     for args, message in cases:
         out = prescient("simulate", *args)
@@ -71,3 +74,13 @@ def test_bad_input_exits_2_with_a_one_line_message(tmp_path: Path) -> None:
         assert message in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_synthetic_flags_pick_the_synthetic_workload_at_its_own_rate() -> None:
+    out = prescient("simulate", "--rate", "5", "--num-requests", "300", "--instances", "2",
+                    "--policy", "round-robin", "--warmup", "0", "--cooldown", "0",
+                    "--output-len", "uniform:5:20", "--summary-json")
+    assert out.returncode == 0, out.stderr
+    (summary,) = json.loads(out.stdout)
+    assert summary["num_requests"] == 300  # the generator made 300, not the default 2,000
+    assert 50 < summary["duration_s"] < 70  # 300 requests at 5 req/s, not compressed 20x

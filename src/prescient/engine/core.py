@@ -142,6 +142,7 @@ class SimEngine:
         self._finish_heap: list[tuple[int, int, int, EngineRequest]] = []
         self._heap_seq = count()
         self._plan: _Plan | None = None
+        self._dec_need = 0  # blocks this step's decodes allocate (valid while scheduling)
         self._sample: tuple[int, int, float] = (-1, 0, 0.0)  # profiling id, tokens, ms
 
     # ---- public surface -------------------------------------------------------------------
@@ -185,7 +186,10 @@ class SimEngine:
         plan = self._plan
         if plan is None:
             raise RuntimeError(f"{self.instance_id}: nothing in flight to interrupt")
-        if plan.n > 1:
+        # A queue that was already blocked at the schedule (or a full batch) stays blocked
+        # until the run ends at a completion, so the run goes on unchanged.
+        admissible = plan.num_waiting == 0 and len(self._running) < self.config.max_num_seqs
+        if plan.n > 1 and admissible:
             plan.n = max(1, count_starts(plan.alpha, plan.beta, plan.n, now - plan.start, True))
         return plan.end
 
@@ -241,24 +245,30 @@ class SimEngine:
 
     def _schedule(self, now: float) -> _Plan:
         step = self._step
-        dec_need = self._reserve_decode_blocks(step)
+        self._dec_need = self._decode_need(step, 1)
+        self._make_room(0, step, None)
         budget = self.config.max_num_batched_tokens - self._dec_count
         chunks: list[tuple[EngineRequest, int]] = []
         budget = self._schedule_running_prefills(step, budget, chunks)
-        dec_need = self._decode_need(step, 1)
-        self._admit_waiting(now, budget, dec_need, chunks)
+        self._admit_waiting(now, budget, chunks)
         if chunks:
             return self._single_step_plan(now, step, chunks)
         if not self._dec_count:
             raise RuntimeError(f"{self.instance_id}: work queued but nothing schedulable")
         return self._decode_run_plan(now, step)
 
-    def _reserve_decode_blocks(self, step: int) -> int:
-        need = self._decode_need(step, 1)
-        while need > self.pool.num_free:
-            self._preempt(self._last_running(), step)
-            need = self._decode_need(step, 1)
-        return need
+    def _make_room(self, blocks: int, step: int, requester: EngineRequest | None) -> bool:
+        """Preempt from the tail until `blocks` are free beyond this step's decode needs.
+
+        Returns False when the requester itself had to be preempted.
+        """
+        while blocks > self.pool.num_free - self._dec_need:
+            victim = self._last_running()
+            self._preempt(victim, step)
+            self._dec_need = self._decode_need(step, 1)
+            if victim is requester:
+                return False
+        return True
 
     def _schedule_running_prefills(
         self, step: int, budget: int, chunks: list[tuple[EngineRequest, int]]
@@ -271,11 +281,8 @@ class SimEngine:
                 continue  # preempted by an earlier request of this loop
             n = min(req.num_tokens - req.num_computed, budget)
             need = -(-(req.num_computed + n) // bs) - req.num_blocks
-            while need > self.pool.num_free - self._decode_need(step, 1):
-                victim = self._last_running()
-                self._preempt(victim, step)
-                if victim is req:
-                    return budget
+            if not self._make_room(need, step, req):
+                break
             self.pool.allocate(need)
             req.num_blocks += need
             chunks.append((req, n))
@@ -283,9 +290,9 @@ class SimEngine:
         return budget
 
     def _admit_waiting(
-        self, now: float, budget: int, dec_need: int, chunks: list[tuple[EngineRequest, int]]
+        self, now: float, budget: int, chunks: list[tuple[EngineRequest, int]]
     ) -> None:
-        bs, pool, waiting = self._bs, self.pool, self._waiting
+        bs, pool, waiting, dec_need = self._bs, self.pool, self._waiting, self._dec_need
         while waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = waiting[0]
             hit, hit_free = self._prefix_hit(req)

@@ -1,6 +1,7 @@
 """Named engine presets: a step-time model plus KV capacity for a model on a GPU.
 
-Where the numbers come from (papers.md §5.3 and §8; reference figures in `bench/RESULTS.md`):
+Where the numbers come from (the project's research notes, `shared/reference/papers.md` §5.3 and
+§8; `tests/unit/engine/test_presets.py` checks the anchor step times quoted there):
 
 - ``llama3-8b-h100``: T0 5.6 ms and 0.020 ms/token from Vidur's measured H100 non-attention
   timings (Llama-2-7B proxy, same GEMM shapes but the KV heads), which agree with BLIS

@@ -120,8 +120,7 @@ class ClusterSim:
         self._progress = progress
 
     def run(self) -> SimResult:
-        for req in self.requests:
-            self.loop.at(req.arrival_time, Order.ARRIVAL, self._arrive, req)
+        self._next_arrival(0)
         self.loop.at(0.0, Order.POLL, self._poll)
         self.loop.at(0.0, Order.SAMPLE, self._sample)
         if self._num_open:
@@ -134,7 +133,14 @@ class ClusterSim:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def _arrive(self, req: Request) -> None:
+    def _next_arrival(self, index: int) -> None:
+        """Arrivals enter the heap one at a time: the heap stays small."""
+        if index < len(self.requests):
+            req = self.requests[index]
+            self.loop.at(req.arrival_time, Order.ARRIVAL, self._arrive, req, index)
+
+    def _arrive(self, req: Request, index: int) -> None:
+        self._next_arrival(index + 1)
         now = self.loop.now
         record = RequestRecord(request_id=req.request_id, arrival_time=req.arrival_time,
                                prompt_len=req.prompt_len, output_len=req.output_len)

@@ -108,8 +108,11 @@ def slo_spec(scenario: Scenario) -> SloSpec:
 
 def summarize_result(result: SimResult, scenario: Scenario) -> Summary:
     w = scenario.workload
-    return summarize(result.policy, result.records, slo=slo_spec(scenario),
-                     warmup_s=w.warmup_s, cooldown_s=w.cooldown_s)
+    try:
+        return summarize(result.policy, result.records, slo=slo_spec(scenario),
+                         warmup_s=w.warmup_s, cooldown_s=w.cooldown_s)
+    except ValueError as e:
+        raise ConfigError(f"--warmup / --cooldown: {e}") from e
 
 
 def run_policy(

@@ -15,7 +15,8 @@ cluster:
 workload:
   kind: trace                  # trace | synthetic | sessions
   trace: azure-conv            # bundled name or a .csv (Azure) / .jsonl (Mooncake) path
-  rate_scale: 20.0             # time compression: 20 = twenty times the trace's rate
+  rate_scale: 20.0             # time compression: 20 = twenty times the trace's rate; a
+                               # workload section that leaves it out replays at its own rate (1)
   duration_s: null             # keep arrivals in the first N seconds (after scaling)
   num_requests: null
   warmup_s: 10.0               # excluded from the statistics
@@ -81,7 +82,7 @@ class WorkloadConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     trace: str = "azure-conv"
     synthetic: SyntheticConfig = SyntheticConfig()
     sessions: SessionsConfig = SessionsConfig()
-    rate_scale: float = 20.0
+    rate_scale: float = 1.0  # 1 = the workload's own rate
     duration_s: float | None = None
     num_requests: int | None = None
     warmup_s: float = 10.0
@@ -105,7 +106,7 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int = 0
     policies: tuple[str, ...] = BASELINES
     cluster: ClusterConfig = ClusterConfig()
-    workload: WorkloadConfig = WorkloadConfig()
+    workload: WorkloadConfig = WorkloadConfig(rate_scale=20.0)  # the built-in default run
     slo: SloConfig = SloConfig()
     observation: ObservationConfig = ObservationConfig()
 
