@@ -45,8 +45,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from prescient.config.presets import get_preset
 from prescient.engine import EngineConfig, SimEngine
-from prescient.engine.presets import get_preset
 from prescient.model import Request
 from prescient.sim import cluster
 from prescient.sim.cluster import InstanceSpec, SimResult, simulate

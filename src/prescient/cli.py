@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from prescient import __version__
-from prescient.engine.presets import get_preset, preset_names
+from prescient.config.presets import get_preset, preset_names
 from prescient.errors import ConfigError, PrescientError
 from prescient.sim import experiment
 from prescient.sim.metrics import summary_to_json

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
+from prescient.config.presets import get_preset
 from prescient.engine import EngineConfig, EngineRequest, SimEngine
-from prescient.engine.presets import get_preset
 from prescient.errors import ConfigError
 from prescient.model import InstanceMetadata, InstanceStatus, Request
 from prescient.policy import ClusterView, DispatchPolicy, InstanceView, make_policy

@@ -26,7 +26,7 @@ def test_importing_the_core_loads_no_io_module() -> None:
     code = (
         "import sys\n"
         + "".join(f"import prescient.{pkg}\n" for pkg in CORE_PACKAGES)
-        + "import prescient.engine.presets\n"
+        + "import prescient.config.presets\n"
         + f"print([m for m in {FORBIDDEN_MODULES!r} if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -52,7 +52,7 @@ def test_core_source_names_no_io_module_clock_or_environment() -> None:
 def test_every_area_exports_a_sorted_complete_all() -> None:
     import importlib
 
-    for area in ("model", "engine", "policy", "sim"):
+    for area in ("config", "model", "engine", "policy", "sim"):
         module = importlib.import_module(f"prescient.{area}")
         exported = module.__all__
         # isort-style, as ruff keeps it: CONSTANTS, then Classes, then functions

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from prescient.engine.presets import get_preset, preset_names
+from prescient.config.presets import get_preset, preset_names
 from prescient.errors import ConfigError
 
 
