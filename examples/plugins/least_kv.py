@@ -6,9 +6,10 @@ and be registered with one entry in `src/prescient/policy/registry.py`:
 
     "least-kv": least_kv,
 
-Input: the polled `InstanceStatus` of each instance (as stale as the CMS poll interval).
-Formula: `num_used_gpu_tokens / num_total_gpu_tokens`, lower is better; an instance with no
-status yet scores `inf`, so it is picked only when no instance has one (ties go to id order).
+Input: the polled `InstanceStatus` columns of every instance (as stale as the CMS poll).
+Formula: `num_used_gpu_tokens / num_total_gpu_tokens`, lower is better, computed for all
+instances at once; ties go to instance id order. It is a full-mode policy: only instances with
+a polled status are candidates, and unschedulable or stale ones are filtered out.
 
 Run this file to compare it with `least-requests` on a small synthetic workload:
 
@@ -19,34 +20,33 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from prescient.model import InferType
-from prescient.policy import (
-    DispatchPolicy,
-    InstanceView,
-    Pipeline,
-    PipelinePolicy,
-    SchedulingContext,
-)
+from prescient.policy import Dispatcher, Pipeline, SchedulingContext
+from prescient.policy.filters import Fresh, Schedulable
+from prescient.policy.registry import DispatchSettings
 from prescient.policy.selectors import MetricSelector
 
 
 class KvUsage:
-    """Metric `kv_usage`: fraction of the instance's KV cache in use, from the polled status."""
+    """Metric `kv_usage`: fraction of each instance's KV cache in use, from its polled status."""
 
     name = "kv_usage"
     lower_is_better = True
 
-    def value(self, instance: InstanceView, ctx: SchedulingContext) -> float:
-        status = instance.status
-        if status is None or status.num_total_gpu_tokens == 0:
-            return float("inf")  # never polled yet: know nothing, prefer anything known
-        return status.num_used_gpu_tokens / status.num_total_gpu_tokens
+    def compute(self, ctx: SchedulingContext) -> np.ndarray:
+        used = ctx.state.s("num_used_gpu_tokens")
+        total = ctx.state.s("num_total_gpu_tokens")
+        # never polled yet (total 0): know nothing, prefer anything known
+        return np.where(total > 0, used / np.maximum(total, 1), np.inf)
 
 
-def least_kv(rng: random.Random) -> DispatchPolicy:
-    """The `least-kv` policy: no filters, lowest KV usage wins."""
-    selector = MetricSelector([KvUsage()])
-    return PipelinePolicy("least-kv", {InferType.NEUTRAL: Pipeline((), selector)}, rng)
+def least_kv(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
+    """The `least-kv` policy: healthy instances, lowest KV usage wins."""
+    filters = [Schedulable(), Fresh(settings.instance_staleness_seconds)]
+    pipeline = Pipeline(filters, MetricSelector([KvUsage()]))
+    return Dispatcher("least-kv", {InferType.NEUTRAL: pipeline}, rng, full_mode=True)
 
 
 if __name__ == "__main__":

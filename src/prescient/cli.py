@@ -2,24 +2,32 @@
 
 `prescient simulate` with no arguments compares every baseline on the bundled Azure
 conversation trace; a scenario file (`--scenario`) fixes an experiment, and flags override it.
-Bad input exits with status 2 and one line naming the flag, key, or file line at fault.
+`prescient scheduler` resolves the scheduler service's settings (flags, `PRESCIENT_*` environment
+variables, `--config` file); `--print-config` shows them. This module is the only reader of
+`os.environ`. Bad input exits with status 2 and one line naming the flag, key, or file line at
+fault.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from prescient import __version__
 from prescient.config.presets import get_preset, preset_names
+from prescient.config.scheduler import DESCRIPTION, SchedulerSettings, scheduler_parser
+from prescient.config.settings import new_parser, redacted_builtins, settings_from_namespace
 from prescient.errors import ConfigError, PrescientError
 from prescient.sim import experiment
 from prescient.sim.metrics import summary_to_json
@@ -29,7 +37,11 @@ from prescient.sim.workload import parse_length_spec
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("simulate", help="replay a workload through policies on a simulated cluster")
+    p = sub.add_parser(
+        "simulate", help="replay a workload through policies on a simulated cluster",
+        epilog="Every `prescient scheduler` flag (e.g. --enable-full-mode-scheduling=false, "
+               "--dispatch-neutral-load-metric num_waiting_requests, "
+               "--cms-pull-status-interval-ms 100) also applies to the simulated policies.")
     p.add_argument("--scenario", type=Path, help="YAML or TOML scenario file (flags override it)")
     p.add_argument("--policy", help="comma-separated policies to compare (default: all baselines)")
     p.add_argument("--trace", help="bundled trace name (azure-conv, azure-code) or a file path")
@@ -53,7 +65,6 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--seed", type=int)
     p.add_argument("--ttft-slo", type=float, help="TTFT SLO in ms (default 6000)")
     p.add_argument("--tpot-slo", type=float, help="TPOT SLO in ms (default 50)")
-    p.add_argument("--cms-pull-status-interval-ms", type=float)
     p.add_argument("--status-push-interval-ms", type=float)
     p.add_argument("--goodput", action="store_true",
                    help="also search each policy's goodput (many runs)")
@@ -69,7 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prescient {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
+    _scheduler_parser(sub)
     return parser
+
+
+def _scheduler_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("scheduler", help="the scheduler service (for now: its settings)",
+                       description=DESCRIPTION, usage="prescient scheduler [options]",
+                       allow_abbrev=False)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective settings as YAML (sorted keys) and exit")
+    scheduler_parser(p)
 
 
 def _set(data: dict[str, Any], path: str, value: object) -> None:
@@ -137,10 +158,12 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         ("cluster.instances", args.instances), ("cluster.max_num_seqs", args.max_num_seqs),
         ("cluster.max_num_batched_tokens", args.max_num_batched_tokens), ("seed", args.seed),
         ("slo.ttft_ms", args.ttft_slo), ("slo.tpot_ms", args.tpot_slo),
-        ("observation.cms_pull_status_interval_ms", args.cms_pull_status_interval_ms),
         ("observation.status_push_interval_ms", args.status_push_interval_ms),
     ):
         _set(data, path, value)
+    if args.scheduler_flags:  # any `prescient scheduler` flag, on top of the file's section
+        given = vars(scheduler_parser(new_parser()).parse_args(args.scheduler_flags))
+        data["scheduler"].update(given)
     scenario = scenario_from_dict(data, str(args.scenario or "command line"))
     _validate(scenario)
     return scenario
@@ -160,8 +183,7 @@ def _validate(s: Scenario) -> None:
     for flag, value in (("--warmup", w.warmup_s), ("--cooldown", w.cooldown_s)):
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
-    for flag, value in (("--cms-pull-status-interval-ms", o.cms_pull_status_interval_ms),
-                        ("--status-push-interval-ms", o.status_push_interval_ms),
+    for flag, value in (("--status-push-interval-ms", o.status_push_interval_ms),
                         ("observation.load_sample_interval_ms", o.load_sample_interval_ms)):
         if value <= 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
@@ -219,6 +241,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        settings = settings_from_namespace(SchedulerSettings, args, os.environ)
+    for warning in caught:
+        print(f"prescient: warning: {warning.message}", file=sys.stderr)
+    if args.print_config:
+        sys.stdout.write(yaml.safe_dump(redacted_builtins(settings), sort_keys=True))
+        return 0
+    print("prescient: the scheduler service is not available yet in this version "
+          "(--print-config shows the resolved settings)", file=sys.stderr)
+    return 2
+
+
+_COMMANDS = {"simulate": cmd_simulate, "scheduler": cmd_scheduler}
+
+
 def _print_report(console: Console, scenario: Scenario, requests: Sequence[object],
                   results: Sequence[experiment.SimResult], summaries: Sequence[object],
                   wall: dict[str, float]) -> None:
@@ -228,7 +267,7 @@ def _print_report(console: Console, scenario: Scenario, requests: Sequence[objec
     source = w.trace if w.kind == "trace" else w.kind
     console.print(f"[bold]prescient simulate[/]: {len(requests)} requests ({source}, rate x"
                   f"{w.rate_scale:g}) on {cluster}; status poll "
-                  f"{scenario.observation.cms_pull_status_interval_ms:g} ms")
+                  f"{scenario.scheduler.cms_pull_status_interval_ms:g} ms")
     render_table(summaries, slo=experiment.slo_spec(scenario), console=console)  # type: ignore[arg-type]
     speed = ", ".join(f"{r.policy} {r.sim_time_s / max(wall[r.policy], 1e-9):.0f}x"
                       for r in results)
@@ -236,9 +275,13 @@ def _print_report(console: Console, scenario: Scenario, requests: Sequence[objec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "simulate":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.scheduler_flags = extra
     try:
-        return cmd_simulate(args)
+        return _COMMANDS[args.command](args)
     except PrescientError as e:
         print(f"prescient: error: {e}", file=sys.stderr)
         return 2

@@ -108,6 +108,7 @@ class _Plan(msgspec.Struct):
     beta: float
     chunks: list[tuple[EngineRequest, int]]  # prefill work of a single step
     num_waiting: int  # waiting queue length right after scheduling
+    num_seen: int  # requests added before this schedule (seen at its step begin)
     prefill_tokens: int  # prefill tokens scheduled
     sampled_tokens: int  # of which in chunks of more than one token (the profiling sample)
 
@@ -142,6 +143,8 @@ class SimEngine:
         self._finish_heap: list[tuple[int, int, int, EngineRequest]] = []
         self._heap_seq = count()
         self._plan: _Plan | None = None
+        self._num_added = 0
+        self._seen: deque[tuple[int, float, str]] = deque()  # (seq, arrival, id), recent only
         self._dec_need = 0  # blocks this step's decodes allocate (valid while scheduling)
         self._sample: tuple[int, int, float] = (-1, 0, 0.0)  # profiling id, tokens, ms
 
@@ -169,6 +172,8 @@ class SimEngine:
             return f"prompt + output ({total} tokens) exceed the KV cache capacity"
         req = EngineRequest(request, now, self._coverage_blocks(request))
         self._waiting.append(req)
+        self._seen.append((self._num_added, now, request.request_id))
+        self._num_added += 1
         return ""
 
     def start_step(self, now: float) -> float | None:
@@ -217,16 +222,16 @@ class SimEngine:
         """The status the engine last produced at or before `now` (after scheduling, or idle)."""
         plan = self._plan
         if plan is None:
-            return self._status(self._step, 0, len(self._waiting), 0, self._sample, now,
-                                timestamp_ms, self._num_updates)
+            return self._status(self._step, 0, len(self._waiting), self._num_added, 0,
+                                self._sample, now, timestamp_ms, self._num_updates)
         j = count_starts(plan.alpha, plan.beta, plan.n, now - plan.start, False)
         j = max(1, j)
         sample = self._sample
         if j >= 2:
             sample = (self._step + j - 2, 0, (plan.alpha + plan.beta * (j - 2)) * 1000.0)
         return self._status(self._step + j - 1, self._decode_need(self._step, j),
-                            plan.num_waiting, plan.prefill_tokens, sample, now, timestamp_ms,
-                            self._num_updates + j - 1)
+                            plan.num_waiting, plan.num_seen, plan.prefill_tokens, sample, now,
+                            timestamp_ms, self._num_updates + j - 1)
 
     def outstanding_tokens(self, now: float) -> tuple[int, int]:
         """True remaining work: (prefill tokens to compute, decode tokens to generate)."""
@@ -324,7 +329,8 @@ class SimEngine:
         if duration <= 0:
             raise ValueError(f"{self.instance_id}: step-time model returned {duration}")
         sampled = sum(n for _, n in chunks if n > 1)
-        return _Plan(now, 1, duration, 0.0, chunks, len(self._waiting), tokens, sampled)
+        return _Plan(now, 1, duration, 0.0, chunks, len(self._waiting), self._num_added, tokens,
+                     sampled)
 
     def _decode_run_plan(self, now: float, step: int) -> _Plan:
         heap = self._finish_heap
@@ -338,7 +344,7 @@ class SimEngine:
         beta = self.model.step_time(0, 0.0, count_, kv + count_) - alpha
         if alpha <= 0 or beta < 0:
             raise ValueError(f"{self.instance_id}: step-time model is not increasing in KV reads")
-        return _Plan(now, max(1, n), alpha, beta, [], len(self._waiting), 0, 0)
+        return _Plan(now, max(1, n), alpha, beta, [], len(self._waiting), self._num_added, 0, 0)
 
     # ---- commit ------------------------------------------------------------------------------
 
@@ -502,13 +508,24 @@ class SimEngine:
 
     # ---- status ----------------------------------------------------------------------------
 
+    def _recent_waiting(self, num_seen: int, now: float) -> tuple[str, ...]:
+        """Ids seen in the waiting queue at a step begin that arrived in the recent window.
+
+        Every request waits at least until the next step begins, so this is every request
+        added before the last schedule and less than `recent_waiting_s` old (upstream's
+        `recent_waiting_requests`, which the local account reconciles against).
+        """
+        seen, horizon = self._seen, now - self.config.recent_waiting_s
+        while seen and seen[0][1] < horizon:
+            seen.popleft()
+        return tuple(rid for seq, _, rid in seen if seq < num_seen)
+
     def _status(
-        self, step: int, dec_need: int, num_waiting: int, scheduled_prefill: int,
+        self, step: int, dec_need: int, num_waiting: int, num_seen: int, scheduled_prefill: int,
         sample: tuple[int, int, float], now: float, timestamp_ms: int, update_id: int,
     ) -> InstanceStatus:
         bs = self._bs
         waiting = list(islice(self._waiting, num_waiting))
-        horizon = now - self.config.recent_waiting_s
         waiting_tokens = sum(r.num_tokens for r in waiting)
         waiting_uncomputed = waiting_tokens - bs * sum(
             self._prefix_hit(r)[0] for r in waiting if r.coverage_blocks)
@@ -517,7 +534,7 @@ class SimEngine:
         pf_to_decode = [r for r in self._prefilling if r.request.output_len > 1]
         dec_tokens = self._dec_a_sum + self._dec_count * step
         dec_tokens += sum(r.num_tokens for r in pf_to_decode)
-        recent = tuple(r.request_id for r in waiting if r.arrival_time >= horizon)
+        recent = self._recent_waiting(num_seen, now)
         used_blocks = self.pool.num_blocks - (self.pool.num_free - dec_need)
         return InstanceStatus(
             instance_id=self.instance_id,

@@ -1,27 +1,34 @@
-"""The scheduling core: dispatch framework, plugins and policies. No I/O, no wall clock."""
+"""The scheduling core: cluster columns, metrics, filters, selectors, policies, accounts.
 
+No I/O and no wall clock: time comes in as `now`, randomness as a seeded `random.Random`.
+"""
+
+from prescient.policy.dispatcher import Dispatcher, SchedulingMode
 from prescient.policy.framework import (
-    DispatchPolicy,
     Filter,
+    GlobalFilter,
     Metric,
     Pipeline,
-    PipelinePolicy,
     SchedulingContext,
     Selector,
 )
-from prescient.policy.registry import POLICIES, make_policy
-from prescient.policy.view import ClusterView, InstanceView
+from prescient.policy.metrics import METRIC_NAMES, make_metric
+from prescient.policy.registry import POLICIES, DispatchSettings, make_dispatcher
+from prescient.policy.state import ClusterState
 
 __all__ = [
+    "METRIC_NAMES",
     "POLICIES",
-    "ClusterView",
-    "DispatchPolicy",
+    "ClusterState",
+    "DispatchSettings",
+    "Dispatcher",
     "Filter",
-    "InstanceView",
+    "GlobalFilter",
     "Metric",
     "Pipeline",
-    "PipelinePolicy",
     "SchedulingContext",
+    "SchedulingMode",
     "Selector",
-    "make_policy",
+    "make_dispatcher",
+    "make_metric",
 ]

@@ -1,10 +1,17 @@
 """The dispatch framework: per infer type, metrics -> filters -> selector (Llumnix's shape).
 
-A `PipelinePolicy` holds one `Pipeline` per infer type. Scheduling a request builds a
-`SchedulingContext` (request, view, `now`, the seeded `rng`, and a per-call metric memo), keeps
-the instances of the wanted infer type, runs every filter, and asks the selector for one
-instance. If the filters leave nothing, a fallback pass reruns them without the soft ones, as
-upstream does. Each plugin kind is a one-method protocol; see `docs/policies.md` to add one.
+Everything works on whole columns of a `ClusterState`: a metric returns one value per instance
+row, a filter returns a keep-mask, a selector picks one row among the surviving ones. One
+scheduling call builds a `SchedulingContext` (request, state, `now`, the seeded `rng`, a metric
+memo, and per-request inputs such as prefix hits), then `Pipeline.pick`:
+
+    1. every single-instance filter runs on every candidate (schedulability and staleness also
+       mark instances that need failover, so none may short-circuit);
+    2. global filters run on the result (failover drops the failed instances' domains);
+    3. if nothing survives, the pass reruns without the soft filters (upstream's fallback);
+    4. the selector picks a row.
+
+Each plugin kind is a one-method protocol; `docs/policies.md` shows how to add one.
 """
 
 from __future__ import annotations
@@ -13,112 +20,112 @@ import random
 from collections.abc import Sequence
 from typing import Protocol
 
-from prescient.model import Decision, InferType, Placement, Request
-from prescient.policy.view import ClusterView, InstanceView
+import numpy as np
+
+from prescient.model import Request
+from prescient.policy.state import ClusterState
 
 
 class SchedulingContext:
-    """Everything one scheduling call may look at. Metric values are memoised per call."""
+    """Everything one scheduling call may look at. Metric columns are memoised per call.
 
-    __slots__ = ("_memo", "now", "request", "rng", "view")
+    The optional per-request columns are filled by features before the pipeline runs:
+    `prefix_hit_tokens` (cache-aware), `predicted_computed_tokens` (predictor-enhanced),
+    `predicted_ttft_ms` / `predicted_tpot_ms` (SLO-aware). None means the feature is off.
+    """
 
-    def __init__(self, request: Request, view: ClusterView, now: float, rng: random.Random):
+    __slots__ = ("_memo", "candidates", "needs_failover", "now", "predicted_computed_tokens",
+                 "predicted_tpot_ms", "predicted_ttft_ms", "prefix_hit_tokens", "request",
+                 "rng", "state")
+
+    def __init__(self, request: Request, state: ClusterState, now: float, rng: random.Random):
         self.request = request
-        self.view = view
+        self.state = state
         self.now = now  # seconds
         self.rng = rng
-        self._memo: dict[tuple[str, str], float] = {}
+        self.needs_failover = np.zeros(len(state), bool)  # set by schedulability/staleness
+        self.candidates = np.zeros(len(state), bool)  # the rows the pipeline started from
+        self.prefix_hit_tokens: np.ndarray | None = None
+        self.predicted_computed_tokens: np.ndarray | None = None
+        self.predicted_ttft_ms: np.ndarray | None = None
+        self.predicted_tpot_ms: np.ndarray | None = None
+        self._memo: dict[str, np.ndarray] = {}
 
-    def metric(self, metric: Metric, instance: InstanceView) -> float:
-        key = (metric.name, instance.instance_id)
-        value = self._memo.get(key)
-        if value is None:
-            value = self._memo[key] = metric.value(instance, self)
-        return value
+    def metric(self, metric: Metric) -> np.ndarray:
+        values = self._memo.get(metric.name)
+        if values is None:
+            values = self._memo[metric.name] = metric.compute(self)
+        return values
 
 
 class Metric(Protocol):
-    """A number per instance; `lower_is_better` says which way is good."""
+    """One value per instance row; `lower_is_better` says which way is good."""
 
     name: str
     lower_is_better: bool
 
-    def value(self, instance: InstanceView, ctx: SchedulingContext) -> float: ...
+    def compute(self, ctx: SchedulingContext) -> np.ndarray: ...
 
 
 class Filter(Protocol):
-    """Drops candidates. A soft filter (`soft = True`) is skipped in the fallback pass."""
+    """A keep-mask over instance rows. Soft filters are skipped in the fallback pass."""
 
     soft: bool
 
-    def filter(self, candidates: list[InstanceView], ctx: SchedulingContext) -> list[InstanceView]:
-        ...
+    def keep(self, ctx: SchedulingContext) -> np.ndarray: ...
+
+
+class GlobalFilter(Protocol):
+    """Looks at the whole candidate set at once (e.g. failover domains)."""
+
+    soft: bool
+
+    def apply(self, ctx: SchedulingContext, keep: np.ndarray) -> np.ndarray: ...
 
 
 class Selector(Protocol):
-    """Picks one candidate (or None)."""
+    """Picks one of `rows` (ascending instance rows, never empty)."""
 
-    def select(self, candidates: list[InstanceView], ctx: SchedulingContext) -> InstanceView | None:
-        ...
+    def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int: ...
 
 
 class Pipeline:
-    """Filters then a selector, for one infer type."""
+    """Filters, then global filters, then a selector, for one infer type."""
 
-    __slots__ = ("filters", "selector")
-
-    def __init__(self, filters: Sequence[Filter], selector: Selector) -> None:
-        self.filters = tuple(filters)
-        self.selector = selector
-
-    def pick(self, candidates: list[InstanceView], ctx: SchedulingContext) -> InstanceView | None:
-        survivors = self._filter(candidates, ctx, fallback=False)
-        if not survivors and any(f.soft for f in self.filters):
-            survivors = self._filter(candidates, ctx, fallback=True)
-        return self.selector.select(survivors, ctx) if survivors else None
-
-    def _filter(
-        self, candidates: list[InstanceView], ctx: SchedulingContext, *, fallback: bool
-    ) -> list[InstanceView]:
-        for f in self.filters:
-            if fallback and f.soft:
-                continue
-            candidates = f.filter(candidates, ctx)
-        return candidates
-
-
-class DispatchPolicy(Protocol):
-    """Chooses where a request runs. `on_*` hooks tell it what became of its choices."""
-
-    name: str
-
-    def schedule(self, request: Request, view: ClusterView, now: float) -> Decision: ...
-
-    def on_dispatched(self, decision: Decision, request: Request, now: float) -> None: ...
-
-    def on_finished(self, request_id: str, now: float) -> None: ...
-
-
-class PipelinePolicy:
-    """A dispatch policy made of one pipeline per infer type (neutral scheduling mode)."""
+    __slots__ = ("filters", "global_filters", "selector")
 
     def __init__(
-        self, name: str, pipelines: dict[InferType, Pipeline], rng: random.Random
+        self,
+        filters: Sequence[Filter],
+        selector: Selector,
+        global_filters: Sequence[GlobalFilter] = (),
     ) -> None:
-        self.name = name
-        self.pipelines = pipelines
-        self.rng = rng
+        self.filters = tuple(filters)
+        self.global_filters = tuple(global_filters)
+        self.selector = selector
 
-    def schedule(self, request: Request, view: ClusterView, now: float) -> Decision:
-        ctx = SchedulingContext(request, view, now, self.rng)
-        pipeline = self.pipelines[InferType.NEUTRAL]
-        chosen = pipeline.pick(view.of_type(InferType.NEUTRAL), ctx)
-        if chosen is None:
-            return Decision(request.request_id)
-        return Decision(request.request_id, (Placement(chosen.instance_id),))
+    @property
+    def has_soft_filters(self) -> bool:
+        return any(f.soft for f in (*self.filters, *self.global_filters))
 
-    def on_dispatched(self, decision: Decision, request: Request, now: float) -> None:
-        """No-op: stateless policies learn nothing from dispatches."""
+    def pick(self, ctx: SchedulingContext, candidates: np.ndarray) -> int | None:
+        """The chosen row among `candidates` (a mask), or None when nothing is available."""
+        keep = self.filter(ctx, candidates, fallback=False)
+        if not keep.any() and candidates.any() and self.has_soft_filters:
+            keep = self.filter(ctx, candidates, fallback=True)
+        rows = np.flatnonzero(keep)
+        return int(self.selector.select(ctx, rows)) if len(rows) else None
 
-    def on_finished(self, request_id: str, now: float) -> None:
-        """No-op: stateless policies learn nothing from completions."""
+    def filter(self, ctx: SchedulingContext, candidates: np.ndarray, *, fallback: bool
+               ) -> np.ndarray:
+        """One filter pass over `candidates`; the fallback pass skips soft filters."""
+        ctx.candidates = candidates
+        ctx.needs_failover[:] = False
+        keep = candidates.copy()
+        for f in self.filters:
+            if not (fallback and f.soft):
+                keep &= f.keep(ctx)
+        for g in self.global_filters:
+            if not (fallback and g.soft):
+                keep = g.apply(ctx, keep)
+        return keep

@@ -1,79 +1,147 @@
 """Every dispatch policy by name, in one place.
 
-`make_policy(name, rng)` builds a fresh policy; unknown names raise `ConfigError` listing the
-known ones. Baselines here need no engine internals:
+`make_dispatcher(name, settings, rng)` builds a `Dispatcher`; unknown names raise `ConfigError`
+listing the known ones. `settings` is the scheduler's settings object (any object with the
+attributes of `DispatchSettings`, i.e. the scheduler flags in snake case).
 
-| name             | what it does                                                          |
-|------------------|-----------------------------------------------------------------------|
-| `round-robin`    | cycles through instances in id order                                  |
-| `random`         | uniform random instance                                               |
-| `least-requests` | fewest requests this router has in flight (router-local counts)       |
-| `power-of-two`   | two random instances, the one with fewer router-local requests        |
+- `load-balance` (full mode): per infer type, keep schedulable, fresh instances whose
+  `--dispatch-*-load-metric` is under its soft threshold, drop failover domains; pick the least
+  loaded (random among the best `--dispatch-top-k`).
+- `load-balance` (lite mode): the least router-local `num_requests` or `num_tokens`.
+- `flood` (full mode): schedulable, fresh, failover; stay on one instance while it can work.
+- `round-robin` (lite): cycles through instances in id order (gateway-local upstream).
+- `random` (lite): a uniform random instance.
+- `least-requests` (lite): the fewest requests this router has in flight.
+- `power-of-two` (lite): two random instances, the one with fewer router-local requests.
+- `llm-d`, `aibrix-least-request`, `aibrix-least-kv-cache`, `sglang-power-of-two`: the peer
+  routers' load-only policies (`policy/peers.py`).
+
+Adding a policy is one factory function here plus one line in `POLICIES`.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
+from typing import Protocol
 
 from prescient.errors import ConfigError
-from prescient.model import Decision, InferType, Request
-from prescient.policy.framework import DispatchPolicy, Pipeline, PipelinePolicy, Selector
-from prescient.policy.local_counts import LocalCounts, LocalRequests
+from prescient.model import InferType
+from prescient.policy.account import LocalAccount
+from prescient.policy.dispatcher import Dispatcher
+from prescient.policy.filters import Failover, Fresh, MetricThreshold, Schedulable
+from prescient.policy.framework import Filter, Pipeline, Selector
+from prescient.policy.metrics import LITE_METRICS, make_metric
+from prescient.policy.peers import PEER_POLICIES
 from prescient.policy.selectors import (
+    FixedPreferenceSelector,
     MetricSelector,
     PowerOfTwoSelector,
     RandomSelector,
     RoundRobinSelector,
 )
 
-PolicyFactory = Callable[[random.Random], DispatchPolicy]
+INFER_TYPES = (InferType.PREFILL, InferType.DECODE, InferType.NEUTRAL)
+_log = logging.getLogger(__name__)
 
 
-class CountingPolicy(PipelinePolicy):
-    """A pipeline policy that keeps router-local counts up to date through its hooks."""
+class DispatchSettings(Protocol):
+    """The scheduler flags dispatch policies read (snake case of the flag names)."""
 
-    def __init__(
-        self, name: str, counts: LocalCounts, selector: Selector, rng: random.Random
-    ) -> None:
-        super().__init__(name, {InferType.NEUTRAL: Pipeline((), selector)}, rng)
-        self.counts = counts
-
-    def on_dispatched(self, decision: Decision, request: Request, now: float) -> None:
-        self.counts.on_dispatched(decision, request, now)
-
-    def on_finished(self, request_id: str, now: float) -> None:
-        self.counts.on_finished(request_id, now)
-
-
-def _simple(name: str, selector: Selector) -> PolicyFactory:
-    return lambda rng: PipelinePolicy(name, {InferType.NEUTRAL: Pipeline((), selector)}, rng)
+    enable_full_mode_scheduling: bool
+    dispatch_top_k: int
+    dispatch_prefill_load_metric: str
+    dispatch_prefill_load_threshold: float
+    dispatch_decode_load_metric: str
+    dispatch_decode_load_threshold: float
+    dispatch_neutral_load_metric: str
+    dispatch_neutral_load_threshold: float
+    enable_instance_status_local_account: bool
+    request_local_account_staleness_seconds: float
+    failover_domain: str
+    instance_staleness_seconds: float
 
 
-def _least_requests(rng: random.Random) -> DispatchPolicy:
-    counts = LocalCounts()
-    return CountingPolicy("least-requests", counts, MetricSelector([LocalRequests(counts)]), rng)
+PolicyFactory = Callable[[DispatchSettings, random.Random], Dispatcher]
 
 
-def _power_of_two(rng: random.Random) -> DispatchPolicy:
-    counts = LocalCounts()
-    return CountingPolicy("power-of-two", counts, PowerOfTwoSelector(LocalRequests(counts)), rng)
+def _metric_and_threshold(settings: DispatchSettings, infer_type: InferType) -> tuple[str, float]:
+    metric = getattr(settings, f"dispatch_{infer_type.value}_load_metric")
+    threshold = getattr(settings, f"dispatch_{infer_type.value}_load_threshold")
+    return metric, threshold
+
+
+def _health_filters(settings: DispatchSettings) -> list[Filter]:
+    return [Schedulable(), Fresh(settings.instance_staleness_seconds)]
+
+
+def _load_balance(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
+    full = settings.enable_full_mode_scheduling
+    pipelines = {}
+    for infer_type in INFER_TYPES:
+        name, threshold = _metric_and_threshold(settings, infer_type)
+        if not full and name not in LITE_METRICS:
+            _log.warning("lite mode supports only %s; --dispatch-%s-load-metric %s becomes "
+                         "num_tokens", " / ".join(LITE_METRICS), infer_type.value, name)
+            name = "num_tokens"
+        metric = make_metric(name, full_mode=full)
+        filters = [*_health_filters(settings)] if full else []
+        filters.append(MetricThreshold(metric, threshold, soft=True))
+        pipelines[infer_type] = Pipeline(
+            filters, MetricSelector([metric], settings.dispatch_top_k),
+            [Failover(settings.failover_domain)] if full else [])
+    return _dispatcher("load-balance", pipelines, settings, rng, full=full)
+
+
+def _flood(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
+    if not settings.enable_full_mode_scheduling:
+        raise ConfigError("--scheduling-policy flood needs --enable-full-mode-scheduling=true")
+    pipelines = {t: Pipeline(_health_filters(settings), FixedPreferenceSelector(),
+                             [Failover(settings.failover_domain)]) for t in INFER_TYPES}
+    return _dispatcher("flood", pipelines, settings, rng, full=True)
+
+
+def _lite_selector(name: str, make: Callable[[], Selector]) -> PolicyFactory:
+    def factory(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
+        pipelines = {t: Pipeline([], make()) for t in INFER_TYPES}
+        return _dispatcher(name, pipelines, settings, rng, full=False)
+
+    return factory
+
+
+def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: DispatchSettings,
+                rng: random.Random, *, full: bool) -> Dispatcher:
+    account = None
+    if full and settings.enable_instance_status_local_account:
+        account = LocalAccount(settings.request_local_account_staleness_seconds)
+    return Dispatcher(name, pipelines, rng, full_mode=full, local_account=account,
+                      needs_cms=full)
+
+
+def _lite_requests() -> MetricSelector:
+    return MetricSelector([make_metric("num_requests", full_mode=False)])
 
 
 POLICIES: dict[str, PolicyFactory] = {
-    "round-robin": lambda rng: _simple("round-robin", RoundRobinSelector())(rng),
-    "random": lambda rng: _simple("random", RandomSelector())(rng),
-    "least-requests": _least_requests,
-    "power-of-two": _power_of_two,
+    "load-balance": _load_balance,
+    "flood": _flood,
+    "round-robin": _lite_selector("round-robin", RoundRobinSelector),
+    "random": _lite_selector("random", RandomSelector),
+    "least-requests": _lite_selector("least-requests", _lite_requests),
+    "power-of-two": _lite_selector(
+        "power-of-two", lambda: PowerOfTwoSelector(make_metric("num_requests", full_mode=False))),
+    **PEER_POLICIES,
 }
 
 
-def make_policy(
-    name: str, rng: random.Random, extra: dict[str, PolicyFactory] | None = None
-) -> DispatchPolicy:
+def make_dispatcher(
+    name: str, settings: DispatchSettings, rng: random.Random,
+    extra: dict[str, PolicyFactory] | None = None,
+) -> Dispatcher:
     """Build the policy called `name` (also looking in `extra`, e.g. the simulator's oracle)."""
     table = {**POLICIES, **(extra or {})}
     factory = table.get(name)
     if factory is None:
         raise ConfigError(f"unknown policy {name!r}; known policies: {', '.join(sorted(table))}")
-    return factory(rng)
+    return factory(settings, rng)

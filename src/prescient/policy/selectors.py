@@ -1,29 +1,30 @@
-"""Selectors: pick one instance among the filtered candidates.
+"""Selectors: pick one row among the instances that survived the filters.
 
-- `MetricSelector`: lexicographic best over metrics (ties fall through to the next metric, then
-  to instance id order); with `top_k > 1`, a uniform random pick among the best `top_k`.
+Rows arrive in ascending order, which is instance-id order, so "the first of equals" is the
+documented deterministic tie-break everywhere (upstream breaks ties by Go map order).
+
+- `MetricSelector(metrics, top_k)`: lexicographic best over `metrics` in order (a tie on one
+  metric falls through to the next, then to instance id); with `top_k > 1`, a uniform random
+  pick among the best `top_k` (`--dispatch-top-k`).
 - `RandomSelector`: uniform random.
-- `RoundRobinSelector`: the next instance id after the last one picked.
-- `PowerOfTwoSelector`: two distinct random candidates, the better by one metric.
+- `RoundRobinSelector`: the first instance whose id sorts after the last one picked.
+- `PowerOfTwoSelector(metric)`: two distinct random candidates, the better by `metric`.
+- `FixedPreferenceSelector` (flood): the last instance picked while it is still a candidate,
+  otherwise the first candidate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+import numpy as np
 
 from prescient.policy.framework import Metric, SchedulingContext
-from prescient.policy.view import InstanceView
 
 
-def _key(
-    metrics: Sequence[Metric], ctx: SchedulingContext
-) -> Callable[[InstanceView], tuple[float, ...]]:
-    def key(inst: InstanceView) -> tuple[float, ...]:
-        return tuple(
-            ctx.metric(m, inst) if m.lower_is_better else -ctx.metric(m, inst) for m in metrics
-        )
-
-    return key
+def _oriented(metric: Metric, ctx: SchedulingContext, rows: np.ndarray) -> np.ndarray:
+    values = ctx.metric(metric)[rows]
+    return values if metric.lower_is_better else -values
 
 
 class MetricSelector:
@@ -37,46 +38,62 @@ class MetricSelector:
         self.metrics = tuple(metrics)
         self.top_k = top_k
 
-    def select(self, candidates: list[InstanceView], ctx: SchedulingContext) -> InstanceView | None:
-        if not candidates:
-            return None
-        key = _key(self.metrics, ctx)
+    def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int:
+        if len(self.metrics) == 1 and self.top_k == 1:
+            return int(rows[np.argmin(_oriented(self.metrics[0], ctx, rows))])
+        keys = [_oriented(m, ctx, rows) for m in reversed(self.metrics)]
+        order = np.lexsort([np.arange(len(rows)), *keys])  # last key sorts first
         if self.top_k == 1:
-            return min(candidates, key=key)  # first of equals: candidates are in id order
-        ranked = sorted(candidates, key=key)[: self.top_k]
-        return ranked[ctx.rng.randrange(len(ranked))]
+            return int(rows[order[0]])
+        best = order[: self.top_k]
+        return int(rows[best[ctx.rng.randrange(len(best))]])
 
 
 class RandomSelector:
     """Uniform random choice with the policy's seeded rng."""
 
-    def select(self, candidates: list[InstanceView], ctx: SchedulingContext) -> InstanceView | None:
-        return candidates[ctx.rng.randrange(len(candidates))] if candidates else None
+    def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int:
+        return int(rows[ctx.rng.randrange(len(rows))])
 
 
 class RoundRobinSelector:
     """Cycles through candidates in id order, resuming after the last pick."""
 
     def __init__(self) -> None:
-        self._last = ""
+        self._last: str | None = None
 
-    def select(self, candidates: list[InstanceView], ctx: SchedulingContext) -> InstanceView | None:
-        if not candidates:
-            return None
-        chosen = next((c for c in candidates if c.instance_id > self._last), candidates[0])
-        self._last = chosen.instance_id
-        return chosen
+    def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int:
+        pos = 0
+        if self._last is not None:
+            pos = int(np.searchsorted(rows, ctx.state.first_row_after(self._last)))
+        row = int(rows[pos if pos < len(rows) else 0])
+        self._last = ctx.state.ids[row]
+        return row
 
 
 class PowerOfTwoSelector:
-    """Samples two distinct candidates and keeps the better by `metric` (first on ties)."""
+    """Two distinct random candidates; the better by `metric` (the first drawn on ties)."""
 
     def __init__(self, metric: Metric) -> None:
         self.metric = metric
 
-    def select(self, candidates: list[InstanceView], ctx: SchedulingContext) -> InstanceView | None:
-        if len(candidates) < 2:
-            return candidates[0] if candidates else None
-        a, b = ctx.rng.sample(candidates, 2)
-        key = _key((self.metric,), ctx)
-        return b if key(b) < key(a) else a
+    def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int:
+        if len(rows) == 1:
+            return int(rows[0])
+        a, b = ctx.rng.sample(range(len(rows)), 2)
+        values = _oriented(self.metric, ctx, rows)
+        return int(rows[b] if values[b] < values[a] else rows[a])
+
+
+class FixedPreferenceSelector:
+    """Floods one instance: keep the last pick while it remains a candidate."""
+
+    def __init__(self) -> None:
+        self._preferred: str | None = None
+
+    def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int:
+        row = None if self._preferred is None else ctx.state.row(self._preferred)
+        if row is None or row not in rows:
+            row = int(rows[0])
+            self._preferred = ctx.state.ids[row]
+        return row

@@ -3,7 +3,8 @@
 Staleness is modelled as in Llumnix. Each engine produces a status after every scheduling
 decision and when it goes idle; its llumlet pushes the newest one to the CMS every
 `status_push_interval_s` (each instance at its own phase); the scheduler polls the CMS every
-`cms_pull_status_interval_s`. The policy only ever sees what the last poll read. Pushes between
+`--cms-pull-status-interval-ms` (a scheduler setting). The policy only ever sees what the last
+poll read. Pushes between
 two polls overwrite each other, so only the last push before each poll is simulated (a
 `capture` event), which gives the same view at a fraction of the events.
 """
@@ -16,10 +17,11 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from prescient.config.presets import get_preset
+from prescient.config.scheduler import SchedulerSettings
 from prescient.engine import EngineConfig, EngineRequest, SimEngine
 from prescient.errors import ConfigError
 from prescient.model import InstanceMetadata, InstanceStatus, Request
-from prescient.policy import ClusterView, DispatchPolicy, InstanceView, make_policy
+from prescient.policy import Dispatcher, make_dispatcher
 from prescient.sim.loop import EventLoop, Order
 from prescient.sim.oracle import oracle_policy
 from prescient.sim.records import LoadSample, RequestRecord
@@ -41,12 +43,14 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     seed: int = 0
     status_push_interval_s: float = 0.04  # LLUMNIX_STATUS_PUSH_INTERVAL (code default)
-    cms_pull_status_interval_s: float = 0.5  # --cms-pull-status-interval-ms 500
     load_sample_interval_s: float = 1.0
+    wait_scheduling_retry_interval_s: float = 1.0  # gateway: retry a 429 this often...
+    wait_scheduling_timeout_s: float = 5.0  # ...for this long, then fail the request
+    scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
 
     def __post_init__(self) -> None:
-        for name in ("status_push_interval_s", "cms_pull_status_interval_s",
-                     "load_sample_interval_s"):
+        for name in ("status_push_interval_s", "load_sample_interval_s",
+                     "wait_scheduling_retry_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
 
@@ -99,18 +103,18 @@ class ClusterSim:
         self.requests = sorted(requests, key=lambda r: r.arrival_time)
         self.engines = build_engines(instances)
         rng = random.Random(settings.seed)
-        self.policy: DispatchPolicy = make_policy(
-            policy_name, random.Random(rng.getrandbits(64)),
-            extra={"oracle": lambda r: oracle_policy(self.engines, r)},
+        self.policy: Dispatcher = make_dispatcher(
+            policy_name, settings.scheduler, random.Random(rng.getrandbits(64)),
+            extra={"oracle": lambda _settings, r: oracle_policy(self.engines, r)},
         )
         self.loop = EventLoop()
-        self.view = ClusterView([
-            InstanceView(InstanceMetadata(
+        self.policy.on_instances({
+            iid: InstanceMetadata(
                 instance_id=iid, unit_id=iid, block_size=e.config.block_size,
-                max_num_batched_tokens=e.config.max_num_batched_tokens))
+                max_num_batched_tokens=e.config.max_num_batched_tokens)
             for iid, e in self.engines.items()
-        ])
-        self._cms: dict[str, InstanceStatus] = {}
+        }, 0.0)
+        self._pushed: dict[str, InstanceStatus] = {}  # llumlet pushes since the last poll
         self._push_phase = {iid: rng.uniform(0, settings.status_push_interval_s)
                             for iid in self.engines}
         self._step_end: dict[str, float] = {}
@@ -121,6 +125,8 @@ class ClusterSim:
 
     def run(self) -> SimResult:
         self._next_arrival(0)
+        for iid in self.engines:  # llumlets push a first (idle) status when they register
+            self.loop.at(0.0, Order.CAPTURE, self._capture, iid)
         self.loop.at(0.0, Order.POLL, self._poll)
         self.loop.at(0.0, Order.SAMPLE, self._sample)
         if self._num_open:
@@ -141,21 +147,29 @@ class ClusterSim:
 
     def _arrive(self, req: Request, index: int) -> None:
         self._next_arrival(index + 1)
+        self._records[req.request_id] = RequestRecord(
+            request_id=req.request_id, arrival_time=req.arrival_time,
+            prompt_len=req.prompt_len, output_len=req.output_len)
+        self._dispatch(req)
+
+    def _dispatch(self, req: Request) -> None:
+        """Schedule and hand to the engine; on "no available instance" retry as a gateway does."""
         now = self.loop.now
-        record = RequestRecord(request_id=req.request_id, arrival_time=req.arrival_time,
-                               prompt_len=req.prompt_len, output_len=req.output_len)
-        self._records[req.request_id] = record
-        decision = self.policy.schedule(req, self.view, now)
+        record = self._records[req.request_id]
+        decision = self.policy.schedule(req, now)
         iid = decision.instance_id
         if iid is None:
-            self._reject(record, "no available instance")
+            retry_at = now + self.settings.wait_scheduling_retry_interval_s
+            if retry_at - req.arrival_time <= self.settings.wait_scheduling_timeout_s:
+                self.loop.at(retry_at, Order.ARRIVAL, self._dispatch, req)
+            else:
+                self._reject(record, "no available instance")
             return
         record.instance_id = iid
-        self.policy.on_dispatched(decision, req, now)
         engine = self.engines[iid]
         refused = engine.add_request(req, now)
         if refused:
-            self.policy.on_finished(req.request_id, now)
+            self.policy.release(req.request_id, now)
             self._reject(record, refused)
         elif engine.busy:
             end = engine.interrupt(now)
@@ -192,28 +206,29 @@ class ClusterSim:
         record.finish_time = req.finish_time
         record.num_preemptions = req.num_preemptions
         record.num_cached_tokens = req.num_cached_tokens
-        self.policy.on_finished(req.request_id, self.loop.now)
+        self.policy.release(req.request_id, self.loop.now)
         self._num_open -= 1
 
     # ---- status: llumlet pushes and CMS polls ---------------------------------------------
 
     def _poll(self) -> None:
         now = self.loop.now
-        for inst in self.view:
-            status = self._cms.get(inst.instance_id)
-            if status is not None:
-                inst.status = status
-        after = now + self.settings.cms_pull_status_interval_s
+        if self._pushed:
+            self.policy.on_statuses(self._pushed, now)
+            self._pushed = {}
+        scrape = self.policy.scrape_interval_s
+        poll = self.settings.scheduler.cms_pull_status_interval_ms / 1000.0
+        after = now + (scrape or poll)
         self.loop.at(after, Order.POLL, self._poll)
         push = self.settings.status_push_interval_s
         for iid, phase in self._push_phase.items():
-            last_push = phase + ((after - phase) // push) * push
+            last_push = after if scrape else phase + ((after - phase) // push) * push
             if last_push > now:
                 self.loop.at(last_push, Order.CAPTURE, self._capture, iid)
 
     def _capture(self, iid: str) -> None:
         now = self.loop.now
-        self._cms[iid] = self.engines[iid].snapshot(now, round(now * 1000))
+        self._pushed[iid] = self.engines[iid].snapshot(now, round(now * 1000))
 
     def _sample(self) -> None:
         now = self.loop.now

@@ -93,8 +93,8 @@ def sim_settings(scenario: Scenario) -> SimSettings:
     return SimSettings(
         seed=scenario.seed,
         status_push_interval_s=o.status_push_interval_ms / 1000,
-        cms_pull_status_interval_s=o.cms_pull_status_interval_ms / 1000,
         load_sample_interval_s=o.load_sample_interval_ms / 1000,
+        scheduler=scenario.scheduler,
     )
 
 

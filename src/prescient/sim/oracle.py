@@ -13,15 +13,17 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
+import numpy as np
+
 from prescient.engine import SimEngine
 from prescient.model import InferType
-from prescient.policy.framework import DispatchPolicy, Pipeline, PipelinePolicy, SchedulingContext
+from prescient.policy.dispatcher import Dispatcher
+from prescient.policy.framework import Pipeline, SchedulingContext
 from prescient.policy.selectors import MetricSelector
-from prescient.policy.view import InstanceView
 
 
 class OutstandingWork:
-    """Metric `true_outstanding_work_s`: seconds of work the instance truly has left."""
+    """Metric `true_outstanding_work_s`: seconds of work each instance truly has left."""
 
     name = "true_outstanding_work_s"
     lower_is_better = True
@@ -29,9 +31,12 @@ class OutstandingWork:
     def __init__(self, engines: Mapping[str, SimEngine]) -> None:
         self.engines = engines
 
-    def value(self, instance: InstanceView, ctx: SchedulingContext) -> float:
-        engine = self.engines[instance.instance_id]
-        prefill, decode = engine.outstanding_tokens(ctx.now)
+    def compute(self, ctx: SchedulingContext) -> np.ndarray:
+        return np.array([self._work(self.engines[iid], ctx.now) for iid in ctx.state.ids])
+
+    @staticmethod
+    def _work(engine: SimEngine, now: float) -> float:
+        prefill, decode = engine.outstanding_tokens(now)
         model = engine.model
         idle = model.step_time(0, 0.0, 0, 0)
         prefill_s = model.step_time(prefill, 0.0, 0, 0) - idle
@@ -39,7 +44,7 @@ class OutstandingWork:
         return prefill_s + decode * per_decode_s
 
 
-def oracle_policy(engines: Mapping[str, SimEngine], rng: random.Random) -> DispatchPolicy:
-    """The oracle dispatch policy over these engines."""
-    selector = MetricSelector([OutstandingWork(engines)])
-    return PipelinePolicy("oracle", {InferType.NEUTRAL: Pipeline((), selector)}, rng)
+def oracle_policy(engines: Mapping[str, SimEngine], rng: random.Random) -> Dispatcher:
+    """The oracle dispatch policy over these engines (needs no status: it reads the truth)."""
+    pipeline = Pipeline([], MetricSelector([OutstandingWork(engines)]))
+    return Dispatcher("oracle", {InferType.NEUTRAL: pipeline}, rng, full_mode=False)

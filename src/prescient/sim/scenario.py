@@ -22,7 +22,10 @@ workload:
   warmup_s: 10.0               # excluded from the statistics
   cooldown_s: 10.0
 slo: {ttft_ms: 6000, tpot_ms: 50}
-observation: {status_push_interval_ms: 40, cms_pull_status_interval_ms: 500}
+observation: {status_push_interval_ms: 40}
+scheduler:                     # any `prescient scheduler` flag, snake or kebab case
+  cms_pull_status_interval_ms: 500
+  dispatch_neutral_load_metric: all_prefills_tokens_num
 ```
 """
 
@@ -35,6 +38,8 @@ from typing import Literal
 import msgspec
 import yaml
 
+from prescient.config.scheduler import SchedulerSettings
+from prescient.config.settings import settings_from_mapping
 from prescient.errors import ConfigError
 
 BASELINES = ("round-robin", "random", "least-requests", "power-of-two", "oracle")
@@ -96,7 +101,6 @@ class SloConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class ObservationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status_push_interval_ms: float = 40.0  # LLUMNIX_STATUS_PUSH_INTERVAL
-    cms_pull_status_interval_ms: float = 500.0  # --cms-pull-status-interval-ms
     load_sample_interval_ms: float = 1000.0
 
 
@@ -109,6 +113,7 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workload: WorkloadConfig = WorkloadConfig(rate_scale=20.0)  # the built-in default run
     slo: SloConfig = SloConfig()
     observation: ObservationConfig = ObservationConfig()
+    scheduler: SchedulerSettings = SchedulerSettings()  # the policies' flags, snake_case keys
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -129,8 +134,19 @@ def load_scenario(path: Path) -> Scenario:
 
 
 def scenario_from_dict(data: object, origin: str = "scenario") -> Scenario:
-    """Validate plain data (e.g. parsed YAML) into a `Scenario`."""
+    """Validate plain data (e.g. parsed YAML) into a `Scenario`.
+
+    The `scheduler` section goes through the scheduler's own settings checks, so a key there
+    means exactly what the flag of the same name means to `prescient scheduler`.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level")
+    section = data.get("scheduler", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{origin}: scheduler: expected a mapping of scheduler flags")
+    scheduler = settings_from_mapping(SchedulerSettings, section, f"{origin}: scheduler")
     try:
-        return msgspec.convert(data, Scenario)
+        scenario = msgspec.convert({**data, "scheduler": {}}, Scenario)
     except msgspec.ValidationError as e:
         raise ConfigError(f"{origin}: {e}") from e
+    return msgspec.structs.replace(scenario, scheduler=scheduler)

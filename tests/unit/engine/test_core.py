@@ -155,7 +155,7 @@ def test_snapshot_reports_the_state_after_scheduling() -> None:
     assert st.num_running_requests == 1
     assert st.num_waiting_requests == 1
     assert st.waiting_requests == ("b",)
-    assert st.recent_waiting_requests == ("b",)
+    assert st.recent_waiting_requests == ("a", "b")  # seen waiting at the step begin
     assert st.num_uncomputed_tokens_scheduler_running_prefills == 100
     assert st.num_unallocated_tokens_scheduler_running_prefills == 0
     assert st.num_uncomputed_tokens_all_waiting_prefills == 50

@@ -1,0 +1,283 @@
+"""The instance-status local account: dispatches the CMS has not seen yet.
+
+An instance's status in the CMS lags the scheduler by a push interval plus a poll interval, so a
+burst of dispatches would all land on the instance that looked emptiest. The local account
+(upstream `pkg/cms/instance_status_local_account.go`) counts every leg dispatched to an
+instance until the instance's own status shows it, and policies add these in-flight counts to
+the status fields.
+
+Lifecycle of one entry, keyed by (request id, instance id)::
+
+    add ──► counted ──(id in recent_waiting)──► found: not counted, kept while waiting
+               │                                   │
+               │ not waiting, older than staleness  │ no longer waiting
+               ▼                                   ▼
+            expired (uncounted, deleted)         deleted
+
+A counted entry adds to the five per-instance totals: prefill legs (and neutral ones) add one
+request and their *uncomputed* prompt tokens to the prefill side; decode legs (and neutral
+ones) add one request and their prompt tokens to the decode side; every entry adds one to the
+request total. Totals are running sums, so reading them is O(1).
+
+Engine ids differ from gateway ids by vLLM's prefixes and suffixes; `normalize_request_id`
+maps them back before reconciliation (see its docstring for the rule, which fixes upstream's
+UUID truncation).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import msgspec
+
+from prescient.model import InferType
+
+_ENGINE_PREFIXES = ("cmpl-", "chatcmpl-")
+_ENGINE_SUFFIX = re.compile(r"-(?:[0-9a-fA-F]{8}|[0-9]+)$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
+_PREFILL_SIDE = frozenset({InferType.PREFILL, InferType.NEUTRAL})
+_DECODE_SIDE = frozenset({InferType.DECODE, InferType.NEUTRAL})
+
+
+def normalize_request_id(engine_id: str) -> str:
+    """Map an id the engine reports back to the id the gateway dispatched.
+
+    The gateway forces `x-request-id`; vLLM's OpenAI server decorates it as
+    `cmpl-<id>-<index>` or `chatcmpl-<id>[-<8 hex>]`, and a `+<...>` tail may follow. Engines
+    that do not decorate (SGLang, the simulated engine) report the id as it was sent. The
+    rule, in order:
+
+    1. if a `+` is present, cut at the first `+`;
+    2. strip one `cmpl-` or `chatcmpl-` prefix; without one the id was not decorated: done;
+    3. keep a bare canonical UUID (8-4-4-4-12 hex) whole;
+    4. otherwise cut one trailing `-<8 hex>` or `-<digits>` suffix, if something remains.
+
+    Upstream cuts at the last `-` whenever there is no `+`, which truncates undecorated ids and
+    bare UUIDs alike (upstream bug §11.11); only cutting what the prefix announces fixes both.
+    """
+    rid = engine_id.split("+", 1)[0]
+    for prefix in _ENGINE_PREFIXES:
+        if rid.startswith(prefix):
+            rid = rid[len(prefix):]
+            break
+    else:
+        return rid
+    if _UUID.match(rid):
+        return rid
+    match = _ENGINE_SUFFIX.search(rid)
+    if match is not None and match.start() > 0:
+        return rid[: match.start()]
+    return rid
+
+
+class AccountTotals(msgspec.Struct, frozen=True):
+    """One instance's in-flight dispatches the CMS has not seen yet (upstream names)."""
+
+    num_inflight_dispatch_prefill_requests: int = 0  # prefill and neutral legs
+    num_inflight_dispatch_decode_requests: int = 0  # decode and neutral legs
+    num_inflight_dispatch_requests: int = 0  # distinct requests
+    num_uncomputed_tokens_inflight_dispatch_prefill_requests: int = 0  # tokens
+    num_tokens_inflight_dispatch_decode_requests: int = 0  # tokens
+
+
+_ZERO = AccountTotals()
+
+
+class _Entry:
+    """One request on one instance. While `found_in_cms` is False it is counted in the totals."""
+
+    __slots__ = ("found_in_cms", "infer_type", "num_tokens", "num_uncomputed_tokens",
+                 "scheduled_at")
+
+    def __init__(self, infer_type: InferType, num_tokens: int, num_uncomputed_tokens: int,
+                 scheduled_at: float) -> None:
+        self.infer_type = infer_type
+        self.num_tokens = num_tokens  # prompt tokens, counted on the decode side
+        self.num_uncomputed_tokens = num_uncomputed_tokens  # counted on the prefill side
+        self.scheduled_at = scheduled_at  # seconds
+        self.found_in_cms = False
+
+
+class _InstanceAccount:
+    """Entries of one instance plus the running sums of its counted entries."""
+
+    __slots__ = ("decode_tokens", "entries", "num_decode", "num_prefill", "num_requests",
+                 "prefill_uncomputed_tokens")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _Entry] = {}
+        self.num_prefill = 0
+        self.num_decode = 0
+        self.num_requests = 0
+        self.prefill_uncomputed_tokens = 0
+        self.decode_tokens = 0
+
+    def count_leg(self, infer_type: InferType, num_tokens: int, num_uncomputed_tokens: int,
+                  sign: int) -> None:
+        """Add (`sign=1`) or remove (`sign=-1`) one leg's sides, not the request itself."""
+        if infer_type in _PREFILL_SIDE:
+            self.num_prefill += sign
+            self.prefill_uncomputed_tokens += sign * num_uncomputed_tokens
+        if infer_type in _DECODE_SIDE:
+            self.num_decode += sign
+            self.decode_tokens += sign * num_tokens
+
+    def uncount(self, entry: _Entry) -> None:
+        """Take a counted entry out of the totals (it stays in `entries`)."""
+        if not entry.found_in_cms:
+            self.count_leg(entry.infer_type, entry.num_tokens, entry.num_uncomputed_tokens, -1)
+            self.num_requests -= 1
+            entry.found_in_cms = True
+
+    def totals(self) -> AccountTotals:
+        return AccountTotals(self.num_prefill, self.num_decode, self.num_requests,
+                             self.prefill_uncomputed_tokens, self.decode_tokens)
+
+
+class LocalAccount:
+    """Per-instance in-flight dispatch counts, reconciled against each new CMS status.
+
+    Args:
+        staleness_s: an entry the engine never reported is expired this many seconds after its
+            dispatch (`--request-local-account-staleness-seconds`).
+    """
+
+    def __init__(self, staleness_s: float = 10.0) -> None:
+        self.staleness_s = staleness_s
+        self._accounts: dict[str, _InstanceAccount] = {}
+        self._where: dict[str, set[str]] = {}  # request id -> instance ids with an entry
+
+    def add(self, request_id: str, instance_id: str, infer_type: InferType, num_tokens: int,
+            num_uncomputed_tokens: int, now: float) -> bool:
+        """Count one dispatched leg. Returns False (and changes nothing) for a duplicate.
+
+        A prefill leg and a decode leg of the same request on the same instance merge into one
+        NEUTRAL entry: the second add counts only its own side, the request total stays one,
+        and the entry keeps the prefill leg's uncomputed tokens and the decode leg's tokens so
+        that removal subtracts exactly what was added. A leg whose side is already present, or
+        any add after the instance reported the request, is a duplicate.
+
+        Args:
+            num_tokens: prompt tokens (tokens).
+            num_uncomputed_tokens: prompt tokens minus the prefix-cache hit (tokens).
+            now: dispatch time (seconds).
+        """
+        if num_tokens < 0 or num_uncomputed_tokens < 0:
+            raise ValueError(f"request {request_id}: token counts must be >= 0")
+        account = self._accounts.setdefault(instance_id, _InstanceAccount())
+        entry = account.entries.get(request_id)
+        if entry is None:
+            account.entries[request_id] = _Entry(infer_type, num_tokens, num_uncomputed_tokens,
+                                                 now)
+            account.count_leg(infer_type, num_tokens, num_uncomputed_tokens, 1)
+            account.num_requests += 1
+            self._where.setdefault(request_id, set()).add(instance_id)
+            return True
+        return self._merge(account, entry, infer_type, num_tokens, num_uncomputed_tokens)
+
+    @staticmethod
+    def _merge(account: _InstanceAccount, entry: _Entry, infer_type: InferType, num_tokens: int,
+               num_uncomputed_tokens: int) -> bool:
+        """Turn a counted one-sided entry into NEUTRAL with the other side; False if overlapping."""
+        sides = {entry.infer_type, infer_type}
+        if entry.found_in_cms or sides != {InferType.PREFILL, InferType.DECODE}:
+            return False
+        account.count_leg(infer_type, num_tokens, num_uncomputed_tokens, 1)
+        if infer_type == InferType.DECODE:
+            entry.num_tokens = num_tokens
+        else:
+            entry.num_uncomputed_tokens = num_uncomputed_tokens
+        entry.infer_type = InferType.NEUTRAL
+        return True
+
+    def revert_prefill(self, request_id: str, instance_id: str) -> None:
+        """Undo a prefill add whose decode leg could not be placed in the same schedule call.
+
+        A prefill-only entry is removed (request total included; upstream forgot that one); a
+        NEUTRAL entry falls back to DECODE; anything else is left alone.
+        """
+        account = self._accounts.get(instance_id)
+        entry = account.entries.get(request_id) if account is not None else None
+        if account is None or entry is None or entry.infer_type == InferType.DECODE:
+            return
+        if entry.infer_type == InferType.PREFILL:
+            self._delete(account, request_id, instance_id)
+            return
+        if not entry.found_in_cms:
+            account.count_leg(InferType.PREFILL, 0, entry.num_uncomputed_tokens, -1)
+        entry.infer_type = InferType.DECODE
+
+    def reconcile(self, instance_id: str, recent_waiting: Iterable[str], waiting: Iterable[str],
+                  now: float) -> None:
+        """Settle the instance's entries against a freshly replaced status.
+
+        Ids are normalised first. Then, for each entry, three rules in this order (upstream
+        order; rule 2 sees the effect of rule 1 in the same pass):
+
+        1. not found and in `recent_waiting` -> mark found, uncount it, keep the entry (its
+           uncomputed tokens still feed `waiting_uncomputed_tokens`);
+        2. found and not in `waiting` -> delete the entry;
+        3. not found, not in `waiting`, and `now - dispatch >= staleness_s` -> uncount and
+           delete (expired: the engine never reported it, e.g. it was lost or finished between
+           two statuses).
+
+        Args:
+            recent_waiting: engine ids that entered the waiting queue recently.
+            waiting: all engine ids now waiting.
+            now: current time (seconds).
+        """
+        account = self._accounts.get(instance_id)
+        if account is None:
+            return
+        recent = {normalize_request_id(rid) for rid in recent_waiting}
+        still_waiting = {normalize_request_id(rid) for rid in waiting}
+        for request_id, entry in list(account.entries.items()):
+            if not entry.found_in_cms and request_id in recent:
+                account.uncount(entry)
+            if request_id in still_waiting:
+                continue
+            if entry.found_in_cms or now - entry.scheduled_at >= self.staleness_s:
+                self._delete(account, request_id, instance_id)
+
+    def release(self, request_id: str) -> list[str]:
+        """Remove the request from every instance; returns the instance ids touched, sorted."""
+        touched = sorted(self._where.get(request_id, ()))
+        for instance_id in touched:
+            self._delete(self._accounts[instance_id], request_id, instance_id)
+        return touched
+
+    def totals(self, instance_id: str) -> AccountTotals:
+        """The instance's in-flight totals; zeros for an instance with no account. O(1)."""
+        account = self._accounts.get(instance_id)
+        return _ZERO if account is None else account.totals()
+
+    def waiting_uncomputed_tokens(self, instance_id: str, waiting: Iterable[str]) -> int:
+        """Σ uncomputed tokens of this instance's entries whose ids are waiting (tokens).
+
+        Cache-aware scheduling overwrites the status' `num_uncomputed_tokens_all_waiting_prefills`
+        with this, since the engine's own figure ignores the prefix hit. Waiting ids unknown to
+        the account (preempted or migrated in) count 0; ids are normalised and de-duplicated.
+        """
+        account = self._accounts.get(instance_id)
+        if account is None:
+            return 0
+        ids = {normalize_request_id(rid) for rid in waiting}
+        return sum(e.num_uncomputed_tokens for rid, e in account.entries.items() if rid in ids)
+
+    def drop_instance(self, instance_id: str) -> None:
+        """Forget an instance that left the CMS, with all its entries."""
+        account = self._accounts.pop(instance_id, None)
+        for request_id in account.entries if account is not None else ():
+            self._unindex(request_id, instance_id)
+
+    def _delete(self, account: _InstanceAccount, request_id: str, instance_id: str) -> None:
+        """Uncount (if still counted) and remove one entry, keeping the reverse index in step."""
+        account.uncount(account.entries.pop(request_id))
+        self._unindex(request_id, instance_id)
+
+    def _unindex(self, request_id: str, instance_id: str) -> None:
+        where = self._where[request_id]
+        where.discard(instance_id)
+        if not where:
+            del self._where[request_id]

@@ -1,0 +1,121 @@
+"""The cluster as columns: what every metric reads, one row per instance.
+
+Scheduling must stay fast at thousands of instances, so metrics are numpy expressions over
+columns rather than Python loops over instances. Rows are in instance-id order (which is also
+the documented tie-break); statuses are written into `status` when the CMS view changes, the
+local-account and lite-mode columns are written one row at a time as requests are dispatched
+and released.
+
+Column names of `status` are `InstanceStatus` field names; `S` maps a name to its column.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
+from prescient.model import InferType, InstanceMetadata, InstanceStatus
+
+STATUS_FIELDS = (
+    "hybrid_scheduler_waiting_to_decode_requests_num",
+    "scheduler_waiting_to_decode_requests_num",
+    "num_waiting_requests",
+    "scheduler_running_to_decode_requests_num",
+    "num_running_requests",
+    "num_loading_requests",
+    "num_total_gpu_tokens",
+    "num_used_gpu_tokens",
+    "num_unallocated_tokens_hybrid_scheduler_waiting_decodes",
+    "hybrid_scheduler_waiting_to_decode_tokens_num",
+    "scheduler_waiting_to_decode_tokens_num",
+    "num_uncomputed_tokens_scheduler_running_prefills",
+    "num_unallocated_tokens_scheduler_running_prefills",
+    "scheduler_running_to_decode_tokens_num",
+    "num_tokens_loading_requests",
+    "num_uncomputed_tokens_all_waiting_prefills",
+    "timestamp_ms",
+)
+S = {name: i for i, name in enumerate(STATUS_FIELDS)}
+ACCOUNT_FIELDS = (
+    "num_inflight_dispatch_prefill_requests",
+    "num_inflight_dispatch_decode_requests",
+    "num_inflight_dispatch_requests",
+    "num_uncomputed_tokens_inflight_dispatch_prefill_requests",
+    "num_tokens_inflight_dispatch_decode_requests",
+)
+A = {name: i for i, name in enumerate(ACCOUNT_FIELDS)}
+INFER_CODES = {InferType.PREFILL: 0, InferType.DECODE: 1, InferType.NEUTRAL: 2}
+
+
+class ClusterState:
+    """Per-instance columns. Rebuilt when the instance set changes, updated row by row."""
+
+    def __init__(self, metadata: Sequence[InstanceMetadata] = ()) -> None:
+        self.set_instances(metadata)
+
+    def set_instances(self, metadata: Sequence[InstanceMetadata]) -> None:
+        """Replace the instance set, keeping the columns of instances that stay."""
+        old = getattr(self, "index", {})
+        old_cols = getattr(self, "_columns", None)
+        ordered = sorted(metadata, key=lambda m: m.instance_id)
+        self.ids = tuple(m.instance_id for m in ordered)
+        self.index = {iid: row for row, iid in enumerate(self.ids)}
+        self.metadata = list(ordered)
+        n = len(ordered)
+        self.infer_type = np.array([INFER_CODES[m.instance_type] for m in ordered], np.int8)
+        self.node = _codes([m.node_id for m in ordered])
+        self.unit = _codes([m.unit_id or m.instance_id for m in ordered])
+        self.dp_enabled = bool(ordered) and ordered[0].data_parallel_size > 1
+        self.has_status = np.zeros(n, bool)
+        self.schedulable = np.zeros(n, bool)
+        self.status = np.zeros((n, len(STATUS_FIELDS)))
+        self.account = np.zeros((n, len(ACCOUNT_FIELDS)))
+        self.lite = np.zeros((n, 2))  # requests, tokens
+        self._columns = (self.has_status, self.schedulable, self.status, self.account, self.lite)
+        if old_cols is not None:
+            for iid, row in self.index.items():
+                if iid in old:
+                    for new_col, old_col in zip(self._columns, old_cols, strict=True):
+                        new_col[row] = old_col[old[iid]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, instance_id: str) -> int | None:
+        return self.index.get(instance_id)
+
+    def first_row_after(self, instance_id: str) -> int:
+        """The row of the first instance whose id sorts after `instance_id` (may be len)."""
+        return bisect.bisect_right(self.ids, instance_id)
+
+    def set_status(self, row: int, status: InstanceStatus | None) -> None:
+        if status is None:
+            self.has_status[row] = False
+            self.schedulable[row] = False
+            return
+        self.has_status[row] = True
+        self.schedulable[row] = status.schedulable
+        self.status[row] = [getattr(status, f) for f in STATUS_FIELDS]
+
+    def set_account(self, row: int, totals: Sequence[float]) -> None:
+        self.account[row] = totals
+
+    def set_lite(self, row: int, num_requests: int, num_tokens: int) -> None:
+        self.lite[row, 0] = num_requests
+        self.lite[row, 1] = num_tokens
+
+    def s(self, field: str) -> np.ndarray:
+        """A status column by `InstanceStatus` field name."""
+        return self.status[:, S[field]]
+
+    def a(self, field: str) -> np.ndarray:
+        """A local-account column by upstream aggregate name."""
+        return self.account[:, A[field]]
+
+
+def _codes(values: Sequence[str]) -> np.ndarray:
+    """Small integer codes for string labels (equal labels, equal codes)."""
+    table: dict[str, int] = {}
+    return np.array([table.setdefault(v, len(table)) for v in values], np.int64)
