@@ -76,8 +76,28 @@ def _health_filters(settings: DispatchSettings) -> list[Filter]:
     return [Schedulable(), Fresh(settings.instance_staleness_seconds)]
 
 
+FULL_MODE_FEATURES = ("enable_cache_aware_scheduling", "enable_predictor_enhanced_scheduling",
+                      "enable_adaptive_pd", "enable_rescheduling")
+
+
+def disabled_in_lite_mode(settings: object) -> list[str]:
+    """The full-mode features `settings` turns on, which lite mode cannot honour.
+
+    As upstream's `verifySchedulingFeature`, lite mode switches them off (and the local
+    account, which has no CMS status to reconcile against); each is logged once here.
+    """
+    if getattr(settings, "enable_full_mode_scheduling", True):
+        return []
+    on = [name for name in FULL_MODE_FEATURES if getattr(settings, name, False)]
+    for name in on:
+        _log.warning("--%s needs --enable-full-mode-scheduling=true; disabled in lite mode",
+                     name.replace("_", "-"))
+    return on
+
+
 def _load_balance(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
     full = settings.enable_full_mode_scheduling
+    disabled_in_lite_mode(settings)
     pipelines = {}
     for infer_type in INFER_TYPES:
         name, threshold = _metric_and_threshold(settings, infer_type)

@@ -6,7 +6,7 @@ fall back to a default).
 
 ```yaml
 seed: 0
-policies: [round-robin, random, least-requests, power-of-two, oracle]
+policies: [round-robin, random, least-requests, power-of-two, llm-d, load-balance, oracle]
 cluster:
   instances: 8                 # or groups: [{count: 4, preset: llama3-8b-a100}, ...]
   preset: llama3-8b-h100
@@ -42,7 +42,8 @@ from prescient.config.scheduler import SchedulerSettings
 from prescient.config.settings import settings_from_mapping
 from prescient.errors import ConfigError
 
-BASELINES = ("round-robin", "random", "least-requests", "power-of-two", "oracle")
+DEFAULT_POLICIES = ("round-robin", "random", "least-requests", "power-of-two", "llm-d",
+                    "load-balance", "oracle")
 
 
 class InstanceGroup(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,7 +109,7 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A whole experiment: cluster, workload, policies to compare, SLOs, observation lag."""
 
     seed: int = 0
-    policies: tuple[str, ...] = BASELINES
+    policies: tuple[str, ...] = DEFAULT_POLICIES
     cluster: ClusterConfig = ClusterConfig()
     workload: WorkloadConfig = WorkloadConfig(rate_scale=20.0)  # the built-in default run
     slo: SloConfig = SloConfig()

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 
+from prescient.config.scheduler import SchedulerSettings
 from prescient.errors import ConfigError
 from prescient.model import Decision, InferType, Request
 from prescient.policy import Dispatcher, Pipeline
@@ -121,3 +123,17 @@ def test_bad_cluster_configurations_are_config_errors() -> None:
                  "random")
     with pytest.raises(ConfigError):
         SimSettings(status_push_interval_s=0)
+
+
+def test_load_balance_accounts_drain_in_full_and_lite_mode() -> None:
+    requests = workload(n=300, rate=60.0)
+    lite_settings = msgspec.structs.replace(
+        SchedulerSettings(), enable_full_mode_scheduling=False,
+        dispatch_neutral_load_metric="num_tokens")
+    for scheduler in (SchedulerSettings(), lite_settings):
+        sim = ClusterSim(requests, cluster(), "load-balance", SimSettings(scheduler=scheduler))
+        result = sim.run()
+        assert all(r.finish_time is not None for r in result.records)
+        assert sim.policy.state.lite.sum() == 0
+        assert sim.policy.state.account.sum() == 0
+        assert len({r.instance_id for r in result.records}) == 4
