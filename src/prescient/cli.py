@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,12 +161,27 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         ("observation.status_push_interval_ms", args.status_push_interval_ms),
     ):
         _set(data, path, value)
+    _engine_env(data, os.environ)
     if args.scheduler_flags:  # any `prescient scheduler` flag, on top of the file's section
         given = vars(scheduler_parser(new_parser()).parse_args(args.scheduler_flags))
         data["scheduler"].update(given)
     scenario = scenario_from_dict(data, str(args.scenario or "command line"))
     _validate(scenario)
     return scenario
+
+
+def _engine_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """The engine-side environment variables the simulated engines honour."""
+    if "LLUMNIX_ENABLE_PROFILING" in env:
+        value = env["LLUMNIX_ENABLE_PROFILING"].strip().lower()
+        if value not in ("0", "1", "true", "false"):
+            raise ConfigError(f"LLUMNIX_ENABLE_PROFILING must be 0 or 1, got {value!r}")
+        _set(data, "cluster.enable_profiling", value in ("1", "true"))
+    if "LLUMNIX_PROFILING_STEPS" in env:
+        value = env["LLUMNIX_PROFILING_STEPS"].strip()
+        if not value.isdigit():
+            raise ConfigError(f"LLUMNIX_PROFILING_STEPS must be a whole number, got {value!r}")
+        _set(data, "cluster.profiling_steps", int(value))
 
 
 def _validate(s: Scenario) -> None:

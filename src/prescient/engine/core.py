@@ -32,6 +32,8 @@ from prescient.engine.step_time import StepTimeModel
 from prescient.engine.steps import count_starts, run_time
 from prescient.model import InstanceStatus, Request
 
+_NO_SAMPLE = (-1, 0, 0.0)
+
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Engine limits, as vLLM names them."""
@@ -44,6 +46,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     enable_prefix_caching: bool = True
     max_model_len: int = 131072  # prompt + output tokens at most
     recent_waiting_s: float = 10.0  # window of `recent_waiting_requests`, seconds
+    enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING: export step-time samples
+    profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS: samples exported at most
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:
@@ -146,7 +150,8 @@ class SimEngine:
         self._num_added = 0
         self._seen: deque[tuple[int, float, str]] = deque()  # (seq, arrival, id), recent only
         self._dec_need = 0  # blocks this step's decodes allocate (valid while scheduling)
-        self._sample: tuple[int, int, float] = (-1, 0, 0.0)  # profiling id, tokens, ms
+        self._sample: tuple[int, int, float] = _NO_SAMPLE  # profiling id, tokens, ms
+        self._num_samples = 0
 
     # ---- public surface -------------------------------------------------------------------
 
@@ -209,7 +214,7 @@ class SimEngine:
         self._step += plan.n
         self._num_updates += plan.n - 1
         last_ms = (plan.alpha + plan.beta * (plan.n - 1)) * 1000.0
-        self._sample = (self._step - 1, plan.sampled_tokens, last_ms)
+        self._sample = self._profile(plan.sampled_tokens, last_ms)
         finished: list[EngineRequest] = []
         for req, n in plan.chunks:
             self._advance_prefill(req, n, end, finished)
@@ -226,9 +231,7 @@ class SimEngine:
                                 self._sample, now, timestamp_ms, self._num_updates)
         j = count_starts(plan.alpha, plan.beta, plan.n, now - plan.start, False)
         j = max(1, j)
-        sample = self._sample
-        if j >= 2:
-            sample = (self._step + j - 2, 0, (plan.alpha + plan.beta * (j - 2)) * 1000.0)
+        sample = self._sample if j == 1 else _NO_SAMPLE  # decode steps: no prefill sample
         return self._status(self._step + j - 1, self._decode_need(self._step, j),
                             plan.num_waiting, plan.num_seen, plan.prefill_tokens, sample, now,
                             timestamp_ms, self._num_updates + j - 1)
@@ -245,6 +248,15 @@ class SimEngine:
         decode += sum(r.request.output_len - r.num_output for r in self._prefilling)
         decode += sum(r.request.output_len - r.num_output for r in self._waiting)
         return prefill, decode
+
+    def _profile(self, prefill_tokens: int, duration_ms: float) -> tuple[int, int, float]:
+        """The profiling sample of a finished step (upstream: prefill steps only, N at most)."""
+        cfg = self.config
+        full = self._num_samples >= cfg.profiling_steps
+        if not cfg.enable_profiling or prefill_tokens <= 0 or full:
+            return _NO_SAMPLE
+        self._num_samples += 1
+        return (self._num_samples - 1, prefill_tokens, duration_ms)
 
     # ---- scheduling ------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_num_batched_tokens: int = 8192
     num_gpu_blocks: int | None = None  # None: the preset's capacity
     enable_prefix_caching: bool = True
+    enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING
+    profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS
 
 
 class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +81,8 @@ def build_engines(instances: Sequence[InstanceSpec]) -> dict[str, SimEngine]:
                 max_num_seqs=spec.max_num_seqs,
                 max_num_batched_tokens=spec.max_num_batched_tokens,
                 enable_prefix_caching=spec.enable_prefix_caching,
+                enable_profiling=spec.enable_profiling,
+                profiling_steps=spec.profiling_steps,
             )
         except ValueError as e:
             raise ConfigError(f"instance {spec.instance_id}: {e}") from e

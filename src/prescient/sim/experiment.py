@@ -71,8 +71,16 @@ def shape_requests(requests: Sequence[Request], scenario: Scenario, scale: float
     return shaped
 
 
+def profiling_enabled(scenario: Scenario) -> bool:
+    """Engines export step samples when asked to, or when a policy needs them."""
+    if scenario.cluster.enable_profiling is not None:
+        return scenario.cluster.enable_profiling
+    return scenario.scheduler.enable_predictor_enhanced_scheduling or "slo" in scenario.policies
+
+
 def instance_specs(scenario: Scenario) -> list[InstanceSpec]:
     c = scenario.cluster
+    profiling = profiling_enabled(scenario)
     groups = c.groups or ((c.instances, c.preset),)
     specs: list[InstanceSpec] = []
     for group in groups:
@@ -84,6 +92,7 @@ def instance_specs(scenario: Scenario) -> list[InstanceSpec]:
                 instance_id=f"inst-{len(specs):02d}", preset=preset,
                 max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                 num_gpu_blocks=c.num_gpu_blocks, enable_prefix_caching=c.enable_prefix_caching,
+                enable_profiling=profiling, profiling_steps=c.profiling_steps,
             ))
     return specs
 

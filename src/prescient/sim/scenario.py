@@ -61,6 +61,10 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 8192
     num_gpu_blocks: int | None = None  # None: each preset's capacity
     enable_prefix_caching: bool = True
+    # LLUMNIX_ENABLE_PROFILING; None: on when the scheduler needs step samples
+    # (--enable-predictor-enhanced-scheduling or the slo policy)
+    enable_profiling: bool | None = None
+    profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS: samples each engine exports at most
 
 
 class SyntheticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

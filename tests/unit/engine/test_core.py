@@ -174,18 +174,26 @@ def test_snapshot_inside_a_decode_run_is_computed_in_closed_form() -> None:
     assert st.step_id == 1 + 3
     assert st.scheduler_running_to_decode_tokens_num == 16 + 4  # prompt + sampled so far
     assert st.num_used_gpu_tokens == 2 * 16
-    assert st.step_duration == pytest.approx(11.0)
-    assert st.num_scheduled_prefill_tokens == 0
+    assert st.profiling_id == -1  # decode steps carry no prefill sample
 
 
-def test_profiling_sample_counts_prefill_tokens_of_multi_token_chunks() -> None:
-    engine = make()
-    engine.add_request(req("a", 100, 2), 0.0)
-    engine.start_step(0.0)
-    engine.complete_step()
-    st = engine.snapshot(0.2, 200)
-    assert (st.num_scheduled_prefill_tokens, st.step_duration) == (100, pytest.approx(110.0))
-    assert st.profiling_id == 0
+def test_profiling_samples_are_prefill_steps_only_and_at_most_profiling_steps() -> None:
+    engine = make(enable_profiling=True, profiling_steps=2)
+    ids = []
+    for k in range(3):
+        engine.add_request(req(f"r{k}", 100, 3), k * 1.0)
+        t = engine.start_step(k * 1.0)
+        engine.complete_step()  # the prefill step: 10 + 100 ms
+        st = engine.snapshot(t, 0)
+        ids.append((st.profiling_id, st.num_scheduled_prefill_tokens, st.step_duration))
+        engine.start_step(t)
+        engine.complete_step()  # decode steps: no sample
+        assert engine.snapshot(t + 0.5, 0).profiling_id == -1
+        while engine.has_work:
+            engine.start_step(t)
+            engine.complete_step()
+    assert ids == [(0, 100, pytest.approx(110.0)), (1, 100, pytest.approx(110.0)), (-1, 0, 0.0)]
+    assert make().snapshot(0.0, 0).profiling_id == -1  # profiling is off by default
 
 
 def test_engine_config_rejects_impossible_limits() -> None:
