@@ -5,6 +5,7 @@ No I/O and no wall clock: time comes in as `now`, randomness as a seeded `random
 
 from prescient.policy.dispatcher import Dispatcher, SchedulingMode
 from prescient.policy.framework import (
+    Feature,
     Filter,
     GlobalFilter,
     Metric,
@@ -22,6 +23,7 @@ __all__ = [
     "ClusterState",
     "DispatchSettings",
     "Dispatcher",
+    "Feature",
     "Filter",
     "GlobalFilter",
     "Metric",

@@ -32,7 +32,7 @@ from prescient.model import (
     Request,
 )
 from prescient.policy.account import LocalAccount
-from prescient.policy.framework import Pipeline, SchedulingContext
+from prescient.policy.framework import Feature, Pipeline, SchedulingContext
 from prescient.policy.lite import LiteState
 from prescient.policy.state import INFER_CODES, ClusterState
 
@@ -53,6 +53,7 @@ class Dispatcher:
         full_mode: candidates need a CMS status (full mode) or only to be known (lite mode).
         local_account: the full-mode local account, or None to go without.
         needs_cms: scheduling fails while the CMS is unavailable (full-mode policies).
+        features: fill per-request context columns (predictions, prefix hits) before picking.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Dispatcher:
         full_mode: bool,
         local_account: LocalAccount | None = None,
         needs_cms: bool = False,
+        features: Sequence[Feature] = (),
     ) -> None:
         self.name = name
         self.pipelines = dict(pipelines)
@@ -72,6 +74,7 @@ class Dispatcher:
         self.account = local_account
         self.lite = None if full_mode else LiteState()
         self.needs_cms = needs_cms
+        self.features = tuple(features)
         self.cms = CmsView()
         self.state = ClusterState()
         # None: statuses come through the CMS (llumlet push + poll); a number: the policy
@@ -113,6 +116,14 @@ class Dispatcher:
                 self.account.reconcile(iid, status.recent_waiting_requests,
                                        status.waiting_requests, now)
                 self.state.set_account(row, msgspec.structs.astuple(self.account.totals(iid)))
+        samples = self.cms.take_profiling_samples()
+        for feature in self.features:
+            feature.on_statuses(self.state, samples, now)
+
+    def report(self, request_id: str, instance_id: str, num_tokens: int) -> None:
+        """Lite mode: the gateway saw the request grow to `num_tokens` (upstream `/report`)."""
+        if self.lite is not None and self.lite.update(request_id, instance_id, num_tokens):
+            self._refresh_row(instance_id)
 
     def mark_cms_unavailable(self, reason: str) -> None:
         self.cms.mark_unavailable(reason)
@@ -166,6 +177,8 @@ class Dispatcher:
         if self.full_mode:
             candidates &= self.state.has_status
         ctx = SchedulingContext(request, self.state, now, self.rng)
+        for feature in self.features:
+            feature.prepare(ctx)
         return pipeline.pick(ctx, candidates)
 
     def _count(self, request: Request, placement: Placement, now: float) -> None:

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from prescient.cms.view import ProfilingSample
 from prescient.model import Request
 from prescient.policy.state import ClusterState
 
@@ -87,6 +88,19 @@ class Selector(Protocol):
     """Picks one of `rows` (ascending instance rows, never empty)."""
 
     def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int: ...
+
+
+class Feature(Protocol):
+    """Fills a request's context columns before the pipelines run (prefix hits, predictions).
+
+    `on_statuses` runs after each CMS status poll has been applied (e.g. to learn from the
+    profiling samples the poll brought).
+    """
+
+    def prepare(self, ctx: SchedulingContext) -> None: ...
+
+    def on_statuses(self, state: ClusterState, samples: Sequence[ProfilingSample], now: float
+                    ) -> None: ...
 
 
 class Pipeline:

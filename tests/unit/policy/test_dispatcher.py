@@ -87,6 +87,9 @@ def test_lite_counts_return_to_zero_after_release(settings: Settings) -> None:
     picks = [lite.schedule(request(100 + k, rid), 1.0).instance_id for k, rid in enumerate(rids)]
     assert len(set(picks)) == 3
     assert lite.state.lite[:, 0].sum() == 30
+    lite.report("r0", picks[0], 5000)  # the gateway saw r0 grow: tokens only ever rise
+    lite.report("r0", picks[0], 10)
+    assert lite.state.lite[lite.state.row(picks[0]), 1] >= 5000
     for rid in rids:
         lite.release(rid, 2.0)
     assert lite.state.lite.sum() == 0
