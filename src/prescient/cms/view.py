@@ -124,7 +124,11 @@ class CmsView:
 
     def _record_profiling(self, instance_id: str, instance_type: InferType,
                           status: InstanceStatus) -> None:
-        """Keep a predictor sample from a replaced status if it is new, prefill and sane.
+        """Keep a predictor sample from a replaced status if it is new, from a prefill-capable
+        instance and sane.
+
+        Prefill and neutral instances both compute prefills; upstream keeps prefill instances'
+        samples only, so without PD disaggregation its predictor never learned anything.
 
         `profiling_id` -1 (any negative, here) means "no sample". The id advances the
         high-water mark for every instance type, even when the sample itself is rejected, so a
@@ -136,7 +140,7 @@ class CmsView:
         if status.profiling_id < 0 or (last is not None and status.profiling_id <= last):
             return
         self._profiling_ids[instance_id] = status.profiling_id
-        if instance_type != InferType.PREFILL:
+        if instance_type == InferType.DECODE:
             return
         duration = status.step_duration
         if status.num_scheduled_prefill_tokens <= 0 or not (

@@ -41,6 +41,8 @@ from prescient.policy.selectors import (
     RandomSelector,
     RoundRobinSelector,
 )
+from prescient.predict.enhanced import PredictorEnhancement
+from prescient.predict.quadratic import PredictorBank
 
 INFER_TYPES = (InferType.PREFILL, InferType.DECODE, InferType.NEUTRAL)
 _log = logging.getLogger(__name__)
@@ -135,8 +137,13 @@ def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: Dispa
     account = None
     if full and settings.enable_instance_status_local_account:
         account = LocalAccount(settings.request_local_account_staleness_seconds)
+    features = []
+    if full and getattr(settings, "enable_predictor_enhanced_scheduling", False):
+        bank = PredictorBank(getattr(settings, "num_predictor_warmup_samples", 20), shared=True)
+        features.append(PredictorEnhancement(
+            bank, getattr(settings, "max_num_batched_tokens", 65536)))
     return Dispatcher(name, pipelines, rng, full_mode=full, local_account=account,
-                      needs_cms=full)
+                      needs_cms=full, features=features)
 
 
 def _lite_requests() -> MetricSelector:

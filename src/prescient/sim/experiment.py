@@ -92,7 +92,7 @@ def instance_specs(scenario: Scenario) -> list[InstanceSpec]:
                 instance_id=f"inst-{len(specs):02d}", preset=preset,
                 max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                 num_gpu_blocks=c.num_gpu_blocks, enable_prefix_caching=c.enable_prefix_caching,
-                enable_profiling=profiling, profiling_steps=c.profiling_steps,
+                enable_profiling=profiling, profiling_steps=c.profiling_steps or 2**62,
             ))
     return specs
 

@@ -64,7 +64,9 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # LLUMNIX_ENABLE_PROFILING; None: on when the scheduler needs step samples
     # (--enable-predictor-enhanced-scheduling or the slo policy)
     enable_profiling: bool | None = None
-    profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS: samples each engine exports at most
+    # LLUMNIX_PROFILING_STEPS: samples each engine exports at most; None: no limit (upstream's
+    # engines stop after 50, which starves a predictor polled every second or slower)
+    profiling_steps: int | None = None
 
 
 class SyntheticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import prescient
 
-CORE_PACKAGES = ("model", "engine", "policy", "cms")
+CORE_PACKAGES = ("model", "engine", "policy", "cms", "predict")
 FORBIDDEN_MODULES = ("asyncio", "socket", "ssl", "selectors", "redis", "http", "urllib.request",
                      "aiohttp", "httpx", "grpc", "subprocess")
 FORBIDDEN_CALLS = {("time", "time"), ("time", "monotonic"), ("time", "perf_counter"),
