@@ -3,7 +3,8 @@
 `prescient simulate` with no arguments compares every baseline on the bundled Azure
 conversation trace; a scenario file (`--scenario`) fixes an experiment, and flags override it.
 `prescient scheduler` resolves the scheduler service's settings (flags, `PRESCIENT_*` environment
-variables, `--config` file); `--print-config` shows them. This module is the only reader of
+variables, `--config` file); `--print-config` shows them. `prescient profile` measures a simulated
+engine's TTFT/TPOT profiles for SLO-aware scheduling. This module is the only reader of
 `os.environ`. Bad input exits with status 2 and one line naming the flag, key, or file line at
 fault.
 """
@@ -24,7 +25,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from prescient import __version__
+from prescient import __version__, profiling
 from prescient.config.presets import get_preset, preset_names
 from prescient.config.scheduler import DESCRIPTION, SchedulerSettings, scheduler_parser
 from prescient.config.settings import new_parser, redacted_builtins, settings_from_namespace
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _scheduler_parser(sub)
+    _profile_parser(sub)
     return parser
 
 
@@ -91,6 +93,24 @@ def _scheduler_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--print-config", action="store_true",
                    help="print the effective settings as YAML (sorted keys) and exit")
     scheduler_parser(p)
+
+
+def _profile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "profile", help="measure TTFT/TPOT profiles of a simulated engine (for SLO scheduling)",
+        description="Drive a simulated engine and write ttft.json and tpot.json in upstream "
+                    "Llumnix's profiling formats (values in ms).")
+    p.add_argument("--preset", default="llama3-8b-h100", help="engine preset")
+    p.add_argument("--out-dir", type=Path, required=True, help="write ttft.json and tpot.json here")
+    p.add_argument("--tokens", help="TTFT prompt lengths, e.g. 128,256,1024 "
+                                    "(default: 16..max-num-batched-tokens)")
+    p.add_argument("--batch-sizes", help="TPOT batch sizes (default: 1,2,4,...,256)")
+    p.add_argument("--tokens-per-request", help="TPOT context tokens per request "
+                                                "(default: 8,16,... as far as the KV cache holds)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="the engine's chunk budget per step")
+    p.add_argument("--repeats", type=int, default=5, help="samples per grid point")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _set(data: dict[str, Any], path: str, value: object) -> None:
@@ -270,7 +290,34 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 2
 
 
-_COMMANDS = {"simulate": cmd_simulate, "scheduler": cmd_scheduler}
+def cmd_profile(args: argparse.Namespace) -> int:
+    preset = get_preset(args.preset)
+    max_batched = args.max_num_batched_tokens
+    if max_batched < 1:
+        raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {max_batched}")
+    tokens, batches, tprs = profiling.default_grids(preset, max_batched)
+    if args.tokens is not None:
+        tokens = profiling.parse_grid("--tokens", args.tokens)
+    if args.batch_sizes is not None:
+        batches = profiling.parse_grid("--batch-sizes", args.batch_sizes)
+    if args.tokens_per_request is not None:
+        tprs = profiling.parse_grid("--tokens-per-request", args.tokens_per_request)
+    ttft, tpot = profiling.profile_engine(
+        args.preset, tokens_grid=tokens, batch_grid=batches, tpr_grid=tprs,
+        max_num_batched_tokens=max_batched, repeats=args.repeats, seed=args.seed)
+    paths = profiling.write_profiles(args.out_dir, ttft, tpot)
+    t50 = [r["p50"] for r in ttft["results"]]  # type: ignore[attr-defined]
+    d50 = [r["p50"] for r in tpot["results"]]  # type: ignore[attr-defined]
+    print(f"{args.preset}, max_num_batched_tokens {max_batched}, {args.repeats} repeats")
+    print(f"TTFT: {len(tokens)} prompt lengths {tokens[0]}..{tokens[-1]} tokens: "
+          f"p50 {min(t50):.1f}..{max(t50):.1f} ms")
+    print(f"TPOT: {len(batches)} batch sizes {batches[0]}..{batches[-1]} x {len(tprs)} "
+          f"tokens per request {tprs[0]}..{tprs[-1]}: p50 {min(d50):.2f}..{max(d50):.2f} ms")
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+_COMMANDS = {"simulate": cmd_simulate, "scheduler": cmd_scheduler, "profile": cmd_profile}
 
 
 def _print_report(console: Console, scenario: Scenario, requests: Sequence[object],
