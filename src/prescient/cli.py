@@ -182,12 +182,26 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
     ):
         _set(data, path, value)
     _engine_env(data, os.environ)
-    if args.scheduler_flags:  # any `prescient scheduler` flag, on top of the file's section
-        given = vars(scheduler_parser(new_parser()).parse_args(args.scheduler_flags))
-        data["scheduler"].update(given)
+    _apply_scheduler_flags(data, args)
     scenario = scenario_from_dict(data, str(args.scenario or "command line"))
     _validate(scenario)
     return scenario
+
+
+def _apply_scheduler_flags(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """Scheduler settings from simulate's shared flags, then any `prescient scheduler` flag."""
+    # One flag, one meaning: the SLO targets and the chunk budget are the scheduler's too.
+    for key, value in (("ttft_slo", args.ttft_slo), ("tpot_slo", args.tpot_slo),
+                       ("max_num_batched_tokens", args.max_num_batched_tokens)):
+        _set(data, f"scheduler.{key}", value)
+    if not args.scheduler_flags:
+        return
+    given = vars(scheduler_parser(new_parser()).parse_args(args.scheduler_flags))
+    for own in ("config", "extra_args", "print_config"):
+        if given.pop(own, None) is not None:
+            raise ConfigError(f"--{own.replace('_', '-')} belongs to `prescient scheduler`; "
+                              "for simulate, use a scenario file's scheduler: section")
+    data["scheduler"].update(given)
 
 
 def _engine_env(data: dict[str, Any], env: Mapping[str, str]) -> None:

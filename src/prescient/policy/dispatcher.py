@@ -86,7 +86,8 @@ class Dispatcher:
     def on_instances(self, metadata: Mapping[str, InstanceMetadata], now: float) -> None:
         """Replace the instance set (a CMS metadata poll, or service discovery)."""
         added, removed = self.cms.apply_metadata(metadata, now)
-        if not added and not removed:
+        current = [self.cms.metadata(i) for i in self.cms.instance_ids()]
+        if not added and not removed and current == self.state.metadata:
             return
         for iid in removed:
             if self.account is not None:
@@ -96,7 +97,7 @@ class Dispatcher:
         if self.lite is not None:
             for iid in added:
                 self.lite.add_instance(iid)
-        self.state.set_instances([self.cms.metadata(i) for i in self.cms.instance_ids()])
+        self.state.set_instances(current)
         for iid in self.state.ids:
             self._refresh_row(iid)
 

@@ -46,6 +46,14 @@ from prescient.predict.quadratic import PredictorBank
 
 INFER_TYPES = (InferType.PREFILL, InferType.DECODE, InferType.NEUTRAL)
 _log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Configuration warnings repeat for every dispatcher built; say each once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        _log.warning(message)
 
 
 class DispatchSettings(Protocol):
@@ -92,8 +100,8 @@ def disabled_in_lite_mode(settings: object) -> list[str]:
         return []
     on = [name for name in FULL_MODE_FEATURES if getattr(settings, name, False)]
     for name in on:
-        _log.warning("--%s needs --enable-full-mode-scheduling=true; disabled in lite mode",
-                     name.replace("_", "-"))
+        _warn_once(f"--{name.replace('_', '-')} needs --enable-full-mode-scheduling=true; "
+                   "disabled in lite mode")
     return on
 
 
@@ -104,8 +112,8 @@ def _load_balance(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
     for infer_type in INFER_TYPES:
         name, threshold = _metric_and_threshold(settings, infer_type)
         if not full and name not in LITE_METRICS:
-            _log.warning("lite mode supports only %s; --dispatch-%s-load-metric %s becomes "
-                         "num_tokens", " / ".join(LITE_METRICS), infer_type.value, name)
+            _warn_once(f"lite mode supports only {' / '.join(LITE_METRICS)}; "
+                       f"--dispatch-{infer_type.value}-load-metric {name} becomes num_tokens")
             name = "num_tokens"
         metric = make_metric(name, full_mode=full)
         filters = [*_health_filters(settings)] if full else []

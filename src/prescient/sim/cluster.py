@@ -55,6 +55,8 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
                      "wait_scheduling_retry_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.wait_scheduling_timeout_s < 0:
+            raise ConfigError("wait_scheduling_timeout_s must be >= 0")
 
 
 class SimResult(msgspec.Struct, kw_only=True):

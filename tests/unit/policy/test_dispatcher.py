@@ -8,7 +8,7 @@ import pytest
 from prescient.cms import CmsUnavailableError
 from prescient.errors import ConfigError
 from prescient.model import InferType
-from prescient.policy import POLICIES, SchedulingMode, make_dispatcher
+from prescient.policy import POLICIES, SchedulingMode, make_dispatcher, registry
 
 from .conftest import Settings, meta, request, status
 
@@ -95,7 +95,9 @@ def test_lite_counts_return_to_zero_after_release(settings: Settings) -> None:
     assert lite.state.lite.sum() == 0
 
 
-def test_lite_mode_forces_a_full_only_metric_to_num_tokens_with_a_warning(settings, caplog) -> None:
+def test_lite_mode_forces_a_full_only_metric_to_num_tokens_with_a_warning(settings, caplog,
+                                                                         monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_warned", set())
     lite = dispatcher(replace(settings, enable_full_mode_scheduling=False), types="NN")
     assert "becomes num_tokens" in caplog.text
     assert lite.schedule(request(), 1.0).instance_id == "i0"

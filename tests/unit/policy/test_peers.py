@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from prescient.policy import make_dispatcher
+from prescient.policy import make_dispatcher, registry
 from prescient.policy.peers import (
     SCRAPE_INTERVAL_S,
     TokenLoadPowerOfTwo,
@@ -60,7 +60,8 @@ def test_peer_policies_are_registered_and_scrape_every_50_ms(settings: Settings)
     assert kv.schedule(request(), 0.2).instance_id == "i1"
 
 
-def test_full_mode_features_are_disabled_in_lite_mode_with_a_warning(caplog) -> None:
+def test_full_mode_features_are_disabled_in_lite_mode_with_a_warning(caplog, monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_warned", set())
     lite = replace(Settings(), enable_full_mode_scheduling=False)
     lite.enable_cache_aware_scheduling = True  # type: ignore[attr-defined]
     lite.enable_rescheduling = True  # type: ignore[attr-defined]
