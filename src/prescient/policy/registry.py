@@ -13,6 +13,8 @@ attributes of `DispatchSettings`, i.e. the scheduler flags in snake case).
 - `random` (lite): a uniform random instance.
 - `least-requests` (lite): the fewest requests this router has in flight.
 - `power-of-two` (lite): two random instances, the one with fewer router-local requests.
+- `slo` (full mode): hard thresholds on predicted TTFT / TPOT from offline profiles; the least
+  predicted latency wins; nothing available when every instance would miss its SLO.
 - `llm-d`, `aibrix-least-request`, `aibrix-least-kv-cache`, `sglang-power-of-two`: the peer
   routers' load-only policies (`policy/peers.py`).
 
@@ -23,15 +25,15 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prescient.errors import ConfigError
 from prescient.model import InferType
 from prescient.policy.account import LocalAccount
 from prescient.policy.dispatcher import Dispatcher
 from prescient.policy.filters import Failover, Fresh, MetricThreshold, Schedulable
-from prescient.policy.framework import Filter, Pipeline, Selector
+from prescient.policy.framework import Feature, Filter, Pipeline, Selector
 from prescient.policy.metrics import LITE_METRICS, make_metric
 from prescient.policy.peers import PEER_POLICIES
 from prescient.policy.selectors import (
@@ -43,6 +45,10 @@ from prescient.policy.selectors import (
 )
 from prescient.predict.enhanced import PredictorEnhancement
 from prescient.predict.quadratic import PredictorBank
+from prescient.predict.slo_scheduling import SloPrediction
+
+if TYPE_CHECKING:
+    from prescient.predict.slo import SloLatencyModel
 
 INFER_TYPES = (InferType.PREFILL, InferType.DECODE, InferType.NEUTRAL)
 _log = logging.getLogger(__name__)
@@ -140,18 +146,43 @@ def _lite_selector(name: str, make: Callable[[], Selector]) -> PolicyFactory:
     return factory
 
 
+def _slo(settings: DispatchSettings, rng: random.Random, model: SloLatencyModel) -> Dispatcher:
+    """Upstream's `slo` policy: hard predicted-latency thresholds, least predicted latency.
+
+    Prefill legs need `predicted_ttft < --ttft-slo x --ttft-slo-dispatch-threshold`, decode legs
+    the same for TPOT, neutral legs both (upstream configures no neutral pipeline); when no
+    instance passes, nothing is available (HTTP 429 at the gateway, which retries).
+    """
+    if not settings.enable_full_mode_scheduling:
+        raise ConfigError("--scheduling-policy slo needs --enable-full-mode-scheduling=true")
+    ttft, tpot = make_metric("predicted_ttft"), make_metric("predicted_tpot")
+    s: Any = settings
+    ttft_ok = MetricThreshold(ttft, s.ttft_slo * s.ttft_slo_dispatch_threshold, soft=False)
+    tpot_ok = MetricThreshold(tpot, s.tpot_slo * s.tpot_slo_dispatch_threshold, soft=False)
+    health, failover = _health_filters(settings), [Failover(settings.failover_domain)]
+    pipelines = {
+        InferType.PREFILL: Pipeline([*health, ttft_ok], MetricSelector([ttft]), failover),
+        InferType.DECODE: Pipeline([*health, tpot_ok], MetricSelector([tpot]), failover),
+        InferType.NEUTRAL: Pipeline([*health, ttft_ok, tpot_ok], MetricSelector([ttft, tpot]),
+                                    failover),
+    }
+    return _dispatcher("slo", pipelines, settings, rng, full=True,
+                       extra_features=[SloPrediction(model)])
+
+
 def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: DispatchSettings,
-                rng: random.Random, *, full: bool) -> Dispatcher:
+                rng: random.Random, *, full: bool, extra_features: Sequence[Feature] = ()
+                ) -> Dispatcher:
     account = None
     if full and settings.enable_instance_status_local_account:
         account = LocalAccount(settings.request_local_account_staleness_seconds)
-    features = []
+    features: list[Feature] = []
     if full and getattr(settings, "enable_predictor_enhanced_scheduling", False):
         bank = PredictorBank(getattr(settings, "num_predictor_warmup_samples", 20), shared=True)
         features.append(PredictorEnhancement(
             bank, getattr(settings, "max_num_batched_tokens", 65536)))
     return Dispatcher(name, pipelines, rng, full_mode=full, local_account=account,
-                      needs_cms=full, features=features)
+                      needs_cms=full, features=[*features, *extra_features])
 
 
 def _lite_requests() -> MetricSelector:
@@ -170,13 +201,25 @@ POLICIES: dict[str, PolicyFactory] = {
 }
 
 
+SLO_POLICY = "slo"
+
+
 def make_dispatcher(
     name: str, settings: DispatchSettings, rng: random.Random,
-    extra: dict[str, PolicyFactory] | None = None,
+    extra: dict[str, PolicyFactory] | None = None, *, slo_model: SloLatencyModel | None = None,
 ) -> Dispatcher:
-    """Build the policy called `name` (also looking in `extra`, e.g. the simulator's oracle)."""
+    """Build the policy called `name` (also looking in `extra`, e.g. the simulator's oracle).
+
+    The `slo` policy needs the latency model of its profiling files, loaded by the caller.
+    """
+    if name == SLO_POLICY:
+        if slo_model is None:
+            raise ConfigError("the slo policy needs --ttft-profiling-data-path and "
+                              "--tpot-profiling-data-path (make them with `prescient profile`)")
+        return _slo(settings, rng, slo_model)
     table = {**POLICIES, **(extra or {})}
     factory = table.get(name)
     if factory is None:
-        raise ConfigError(f"unknown policy {name!r}; known policies: {', '.join(sorted(table))}")
+        known = ", ".join(sorted([*table, SLO_POLICY]))
+        raise ConfigError(f"unknown policy {name!r}; known policies: {known}")
     return factory(settings, rng)

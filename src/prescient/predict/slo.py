@@ -35,13 +35,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Annotated, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Protocol, TypeVar
 
 import msgspec
 import numpy as np
 
 from prescient.errors import ConfigError
-from prescient.policy.state import ClusterState
+
+if TYPE_CHECKING:  # the policy package imports this module's users: no cycle at run time
+    from prescient.policy.state import ClusterState
 
 MIN_TOKENS_PER_REQUEST = 8.0  # upstream's floor on the TPOT query's tokens per request
 _Ms = Annotated[float, msgspec.Meta(ge=0)]  # a latency statistic, milliseconds

@@ -22,6 +22,7 @@ from prescient.engine import EngineConfig, EngineRequest, SimEngine
 from prescient.errors import ConfigError
 from prescient.model import InstanceMetadata, InstanceStatus, Request
 from prescient.policy import Dispatcher, make_dispatcher
+from prescient.predict.slo import SloLatencyModel
 from prescient.sim.loop import EventLoop, Order
 from prescient.sim.oracle import oracle_policy
 from prescient.sim.records import LoadSample, RequestRecord
@@ -102,6 +103,7 @@ class ClusterSim:
         policy_name: str,
         settings: SimSettings,
         progress: Callable[[float], None] | None = None,
+        slo_model: SloLatencyModel | None = None,
     ) -> None:
         if not instances:
             raise ConfigError("the cluster needs at least one instance")
@@ -112,6 +114,7 @@ class ClusterSim:
         self.policy: Dispatcher = make_dispatcher(
             policy_name, settings.scheduler, random.Random(rng.getrandbits(64)),
             extra={"oracle": lambda _settings, r: oracle_policy(self.engines, r)},
+            slo_model=slo_model,
         )
         self.loop = EventLoop()
         self.policy.on_instances({
@@ -254,6 +257,8 @@ def simulate(
     policy_name: str,
     settings: SimSettings | None = None,
     progress: Callable[[float], None] | None = None,
+    slo_model: SloLatencyModel | None = None,
 ) -> SimResult:
     """Run `requests` through `policy_name` on `instances` and return what happened."""
-    return ClusterSim(requests, instances, policy_name, settings or SimSettings(), progress).run()
+    return ClusterSim(requests, instances, policy_name, settings or SimSettings(), progress,
+                      slo_model).run()

@@ -7,10 +7,13 @@ policy still meets both SLOs for at least 90% of requests, found by doubling the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from prescient.errors import ConfigError
 from prescient.model import Request
 from prescient.policy import POLICIES
+from prescient.predict.slo import SloLatencyModel
+from prescient.profiling import read_slo_model
 from prescient.sim.cluster import InstanceSpec, SimResult, SimSettings, simulate
 from prescient.sim.metrics import SloSpec, Summary, summarize
 from prescient.sim.scenario import Scenario
@@ -26,11 +29,12 @@ from prescient.sim.workload import (
 
 GOODPUT_ATTAINMENT = 0.9
 SIM_ONLY_POLICIES = ("oracle",)
+PROFILED_POLICIES = ("slo",)
 
 
 def check_policies(names: Sequence[str]) -> None:
     """Fail before any run if a policy name is unknown."""
-    known = sorted([*POLICIES, *SIM_ONLY_POLICIES])
+    known = sorted([*POLICIES, *SIM_ONLY_POLICIES, *PROFILED_POLICIES])
     for name in names:
         if name not in known:
             raise ConfigError(f"unknown policy {name!r}; known policies: {', '.join(known)}")
@@ -124,11 +128,21 @@ def summarize_result(result: SimResult, scenario: Scenario) -> Summary:
         raise ConfigError(f"--warmup / --cooldown: {e}") from e
 
 
+def slo_model(scenario: Scenario) -> SloLatencyModel | None:
+    """The `slo` policy's latency model, read from the scheduler's profiling paths."""
+    s = scenario.scheduler
+    if not s.ttft_profiling_data_path or not s.tpot_profiling_data_path:
+        return None
+    return read_slo_model(Path(s.ttft_profiling_data_path), Path(s.tpot_profiling_data_path))
+
+
 def run_policy(
     scenario: Scenario, requests: Sequence[Request], policy: str,
     progress: Callable[[float], None] | None = None,
 ) -> SimResult:
-    return simulate(requests, instance_specs(scenario), policy, sim_settings(scenario), progress)
+    model = slo_model(scenario) if policy in PROFILED_POLICIES else None
+    return simulate(requests, instance_specs(scenario), policy, sim_settings(scenario), progress,
+                    model)
 
 
 def goodput(scenario: Scenario, base: Sequence[Request], policy: str, *, steps: int = 6) -> float:
