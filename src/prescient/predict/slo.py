@@ -331,13 +331,14 @@ class SloLatencyModel:
     A prediction that cannot be made is +inf for that instance; nothing raises mid-dispatch.
     """
 
-    __slots__ = ("_max_batched", "_metadata", "tpot", "ttft")
+    __slots__ = ("_full_chunk_ms", "_max_batched", "_metadata", "tpot", "ttft")
 
     def __init__(self, ttft: InterpolationPredictor, tpot: InterpolationPredictor) -> None:
         self.ttft = ttft
         self.tpot = tpot
         self._metadata: object = None  # the `ClusterState.metadata` list last seen
         self._max_batched = np.zeros(0)  # its max_num_batched_tokens column
+        self._full_chunk_ms = np.zeros(0)  # ttft(max_num_batched_tokens) per row
 
     @classmethod
     def from_profiles(cls, ttft: TtftProfile, tpot: TpotProfile) -> SloLatencyModel:
@@ -372,11 +373,12 @@ class SloLatencyModel:
             prefill_tokens, decode_reqs, decode_tokens, max_batched)))
         if np.any(~(mb > 0)):
             raise ValueError("max_batched must be > 0 (a chunk budget of 0 never finishes)")
-        return self._chunked(p, r, t, mb)
+        return self._chunked(p, self.predict_tpot(r, t), mb, self.ttft.predict(mb, 0.0))
 
     def predicted_ttft_ms(
         self, state: ClusterState, request_prompt_tokens: int, now: float,
         all_prefills: np.ndarray, decode_batch_size: np.ndarray, all_decodes_tokens: np.ndarray,
+        step_ms: np.ndarray | None = None,
     ) -> np.ndarray:
         """Upstream's ``predicted_ttft`` with the elapsed-time correction (reference §5.2).
 
@@ -399,16 +401,31 @@ class SloLatencyModel:
         st = self.max_batched_tokens(state)
         ok = st > 0
         mb = np.where(ok, st, 1.0)
-        dbs, adt = decode_batch_size, all_decodes_tokens
         in_status = (state.s("num_uncomputed_tokens_all_waiting_prefills")
                      + state.s("num_uncomputed_tokens_scheduler_running_prefills"))
-        busy_ms = self._chunked(in_status, dbs, adt, mb)
-        elapsed_ms = np.maximum(now * 1000.0 - state.s("timestamp_ms"), 0.0)
         inflight = state.a("num_uncomputed_tokens_inflight_dispatch_prefill_requests")
-        caught_up = self._chunked(inflight + request_prompt_tokens, dbs, adt, mb)
-        behind = self._chunked(all_prefills + request_prompt_tokens, dbs, adt, mb) - elapsed_ms
-        ttft = np.where(elapsed_ms > busy_ms, caught_up, behind)
+        # the three queues priced in one pass: what the status showed, what was dispatched
+        # since (plus this request), and everything (plus this request)
+        queues = np.stack([in_status, inflight + request_prompt_tokens,
+                           all_prefills + request_prompt_tokens])
+        step = step_ms if step_ms is not None else self.predict_tpot(
+            decode_batch_size, all_decodes_tokens)
+        busy_ms, caught_up, behind = self._chunked(queues, step, mb, self._full_chunk_ms)
+        elapsed_ms = np.maximum(now * 1000.0 - state.s("timestamp_ms"), 0.0)
+        ttft = np.where(elapsed_ms > busy_ms, caught_up, behind - elapsed_ms)
         return np.where(ok & ~np.isnan(ttft), ttft, np.inf)
+
+    def predicted_ms(
+        self, state: ClusterState, request_prompt_tokens: int, now: float,
+        all_prefills: np.ndarray, decode_batch_size: np.ndarray, all_decodes_tokens: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(`predicted_ttft_ms`, `predicted_tpot_ms`), sharing one TPOT lookup between them."""
+        steps = self.predict_tpot(
+            np.stack([decode_batch_size, decode_batch_size + 1]),
+            np.stack([all_decodes_tokens, all_decodes_tokens + request_prompt_tokens]))
+        ttft = self.predicted_ttft_ms(state, request_prompt_tokens, now, all_prefills,
+                                      decode_batch_size, all_decodes_tokens, steps[0])
+        return ttft, steps[1]
 
     def predicted_tpot_ms(self, request_prompt_tokens: int, decode_batch_size: np.ndarray,
                           all_decodes_tokens: np.ndarray) -> np.ndarray:
@@ -421,20 +438,22 @@ class SloLatencyModel:
             self._metadata = state.metadata
             self._max_batched = np.array(
                 [m.max_num_batched_tokens for m in state.metadata], float)
+            budgets = np.where(self._max_batched > 0, self._max_batched, 1.0)
+            self._full_chunk_ms = self.ttft.predict(budgets, 0.0)
         return self._max_batched
 
-    def _chunked(self, tokens: np.ndarray, reqs: np.ndarray, decode_tokens: np.ndarray,
-                 max_batched: np.ndarray) -> np.ndarray:
+    def _chunked(self, tokens: np.ndarray, step_ms: np.ndarray, max_batched: np.ndarray,
+                 full_chunk_ms: np.ndarray) -> np.ndarray:
+        """Chunked prefill time of `tokens` (any leading shape over the instance axis)."""
         with np.errstate(all="ignore"):
             tokens = np.maximum(tokens, 0.0)
             num_full = np.floor(tokens / max_batched)
             rest = tokens - num_full * max_batched
             num_chunks = num_full + (rest > 0)
-            full = np.where(num_full > 0, num_full * self.ttft.predict(max_batched, 0.0), 0.0)
-            last = np.where(rest > 0, self.ttft.predict(rest, 0.0), 0.0)
-            step = self.predict_tpot(reqs, decode_tokens)
-            decode = np.where(num_chunks > 0, num_chunks * step, 0.0)
-            total = full + last + decode
+            last = self.ttft.predict(rest.ravel(), 0.0).reshape(rest.shape)
+            total = (np.where(num_full > 0, num_full * full_chunk_ms, 0.0)
+                     + np.where(rest > 0, last, 0.0)
+                     + np.where(num_chunks > 0, num_chunks * step_ms, 0.0))
         return np.where(np.isnan(tokens) | np.isnan(total), np.inf, total)
 
     def __repr__(self) -> str:

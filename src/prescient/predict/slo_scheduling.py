@@ -37,6 +37,5 @@ class SloPrediction:
     def prepare(self, ctx: SchedulingContext) -> None:
         prompt = ctx.request.prompt_len
         dbs, adt = ctx.metric(_DECODE_BATCH), ctx.metric(_DECODE_TOKENS)
-        ctx.predicted_ttft_ms = self.model.predicted_ttft_ms(
+        ctx.predicted_ttft_ms, ctx.predicted_tpot_ms = self.model.predicted_ms(
             ctx.state, prompt, ctx.now, ctx.metric(_ALL_PREFILLS), dbs, adt)
-        ctx.predicted_tpot_ms = self.model.predicted_tpot_ms(prompt, dbs, adt)
