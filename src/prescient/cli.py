@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
 import warnings
@@ -30,6 +31,7 @@ from prescient.config.presets import get_preset, preset_names
 from prescient.config.scheduler import DESCRIPTION, SchedulerSettings, scheduler_parser
 from prescient.config.settings import new_parser, redacted_builtins, settings_from_namespace
 from prescient.errors import ConfigError, PrescientError
+from prescient.predict.output_length import make_output_predictor
 from prescient.sim import experiment
 from prescient.sim.metrics import summary_to_json
 from prescient.sim.report import render_table, write_results
@@ -62,6 +64,10 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--instances", type=int, help="number of instances (default 8)")
     p.add_argument("--preset", help="engine preset, or groups: llama3-8b-h100:4,llama3-8b-a100:4")
     p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--queue-policy", choices=("fcfs", "spf"),
+                   help="engines' waiting order: arrival, or shortest predicted output first")
+    p.add_argument("--output-length-predictor",
+                   help="none, oracle, lognormal:sigma=S or histogram (default none)")
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--ttft-slo", type=float, help="TTFT SLO in ms (default 6000)")
@@ -176,6 +182,8 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         ("workload.duration_s", args.duration), ("workload.num_requests", args.num_requests),
         ("workload.warmup_s", args.warmup), ("workload.cooldown_s", args.cooldown),
         ("cluster.instances", args.instances), ("cluster.max_num_seqs", args.max_num_seqs),
+        ("cluster.queue_policy", args.queue_policy),
+        ("output_length_predictor", args.output_length_predictor),
         ("cluster.max_num_batched_tokens", args.max_num_batched_tokens), ("seed", args.seed),
         ("slo.ttft_ms", args.ttft_slo), ("slo.tpot_ms", args.tpot_slo),
         ("observation.status_push_interval_ms", args.status_push_interval_ms),
@@ -220,6 +228,7 @@ def _engine_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
 
 def _validate(s: Scenario) -> None:
     experiment.check_policies(s.policies)
+    make_output_predictor(s.output_length_predictor, random.Random(0))  # names the bad spec
     for group in s.cluster.groups or ():
         get_preset(group.preset)
     if not s.cluster.groups:

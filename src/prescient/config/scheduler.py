@@ -42,6 +42,7 @@ LoadMetric = Literal[
     "all_prefills_tokens_num", "kv_cache_usage_ratio_projected", "decode_batch_size",
     "num_waiting_requests", "all_decodes_tokens_num", "cache_aware_all_prefills_tokens_num",
     "kv_cache_hit_len", "num_requests", "num_tokens", "predicted_ttft", "predicted_tpot",
+    "predicted_decode_tokens",
 ]
 ReschedulingPolicy = Literal[
     "decode_load", "neutral_load", "prefill_failover", "decode_failover", "neutral_failover",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from itertools import count, islice
+from typing import Literal
 
 import msgspec
 
@@ -48,6 +49,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     recent_waiting_s: float = 10.0  # window of `recent_waiting_requests`, seconds
     enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING: export step-time samples
     profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS: samples exported at most
+    queue_policy: Literal["fcfs", "spf"] = "fcfs"  # waiting order: arrival, or shortest
+    # predicted output first; each second of waiting counts as this many tokens shorter
+    aging_tokens_per_s: float = 100.0
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:
@@ -56,6 +60,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every decode runs)")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError("watermark must be in [0, 1)")
+        if self.aging_tokens_per_s < 0:
+            raise ValueError("aging_tokens_per_s must be >= 0")
 
 
 class EngineRequest:
@@ -196,9 +202,11 @@ class SimEngine:
         plan = self._plan
         if plan is None:
             raise RuntimeError(f"{self.instance_id}: nothing in flight to interrupt")
-        # A queue that was already blocked at the schedule (or a full batch) stays blocked
-        # until the run ends at a completion, so the run goes on unchanged.
-        admissible = plan.num_waiting == 0 and len(self._running) < self.config.max_num_seqs
+        # A FCFS queue that was already blocked at the schedule (or a full batch) stays
+        # blocked until the run ends at a completion, so the run goes on unchanged; a
+        # shortest-first queue may put the newcomer in front, so it must be looked at.
+        blocked = plan.num_waiting > 0 and self.config.queue_policy == "fcfs"
+        admissible = not blocked and len(self._running) < self.config.max_num_seqs
         if plan.n > 1 and admissible:
             plan.n = max(1, count_starts(plan.alpha, plan.beta, plan.n, now - plan.start, True))
         return plan.end
@@ -267,12 +275,29 @@ class SimEngine:
         budget = self.config.max_num_batched_tokens - self._dec_count
         chunks: list[tuple[EngineRequest, int]] = []
         budget = self._schedule_running_prefills(step, budget, chunks)
+        if self.config.queue_policy == "spf" and len(self._waiting) > 1:
+            self._order_waiting()
         self._admit_waiting(now, budget, chunks)
         if chunks:
             return self._single_step_plan(now, step, chunks)
         if not self._dec_count:
             raise RuntimeError(f"{self.instance_id}: work queued but nothing schedulable")
         return self._decode_run_plan(now, step)
+
+    def _order_waiting(self) -> None:
+        """Shortest predicted output first, with aging; preempted requests stay in front.
+
+        The key `predicted + aging * arrival` orders requests exactly as
+        `predicted - aging * waited` would at any moment, so a stable sort at each schedule is
+        enough. Without a prediction the key is the arrival alone: FCFS among those.
+        """
+        aging = self.config.aging_tokens_per_s
+
+        def key(r: EngineRequest) -> tuple[bool, float]:
+            predicted = r.request.predicted_output_len or 0
+            return (r.num_preemptions == 0, predicted + aging * r.arrival_time)
+
+        self._waiting = deque(sorted(self._waiting, key=key))
 
     def _make_room(self, blocks: int, step: int, requester: EngineRequest | None) -> bool:
         """Preempt from the tail until `blocks` are free beyond this step's decode needs.

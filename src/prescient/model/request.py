@@ -25,6 +25,7 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str = ""
     prefix_block_ids: tuple[int, ...] = ()
     prefix_block_size: int = 512  # tokens per prefix block id
+    predicted_output_len: int | None = None  # tokens, from an output-length predictor
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1:

@@ -77,6 +77,7 @@ class Dispatcher:
         self.features = tuple(features)
         self.cms = CmsView()
         self.state = ClusterState()
+        self._predicted: dict[str, list[tuple[str, int]]] = {}  # request -> (instance, tokens)
         # None: statuses come through the CMS (llumlet push + poll); a number: the policy
         # scrapes each engine's metrics itself this often, as peer routers do
         self.scrape_interval_s: float | None = None
@@ -158,6 +159,8 @@ class Dispatcher:
             touched += self.account.release(request_id)
         if self.lite is not None:
             touched += self.lite.release(request_id)
+        for iid, tokens in self._predicted.pop(request_id, ()):
+            self._add_predicted(iid, -tokens)
         for iid in touched:
             self._refresh_row(iid)
 
@@ -189,7 +192,15 @@ class Dispatcher:
                              request.prompt_len, now)
         if self.lite is not None:
             self.lite.allocate(rid, iid, request.prompt_len)
+        if request.predicted_output_len and placement.infer_type is not InferType.PREFILL:
+            self._predicted.setdefault(rid, []).append((iid, request.predicted_output_len))
+            self._add_predicted(iid, request.predicted_output_len)
         self._refresh_row(iid)
+
+    def _add_predicted(self, instance_id: str, tokens: int) -> None:
+        row = self.state.row(instance_id)
+        if row is not None:
+            self.state.predicted_output[row] += tokens
 
     def _undo(self, request_id: str, placements: Sequence[Placement]) -> None:
         for placement in placements:
@@ -198,6 +209,8 @@ class Dispatcher:
             if self.lite is not None:
                 self.lite.release(request_id)
             self._refresh_row(placement.instance_id)
+        for iid, tokens in self._predicted.pop(request_id, ()):
+            self._add_predicted(iid, -tokens)
 
     def _refresh_row(self, instance_id: str) -> None:
         row = self.state.row(instance_id)

@@ -20,6 +20,8 @@ Lower is better unless a metric says otherwise.
   + S.running-to-decode + S.loading tokens + LA.decode tokens
 - `num_tokens` = lite: router-local prompt tokens
 - `predicted_ttft`, `predicted_tpot` = ctx predictions in ms; inf without a predictor
+- `predicted_decode_tokens` (beyond upstream; full and lite) = predicted output tokens of the
+  requests this router has in flight on the instance (0 without an output-length predictor)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from prescient.errors import ConfigError
 from prescient.policy.framework import SchedulingContext
 
-LITE_METRICS = ("num_requests", "num_tokens")
+LITE_METRICS = ("num_requests", "num_tokens", "predicted_decode_tokens")
 
 
 class ColumnMetric:
@@ -132,10 +134,12 @@ _FULL: dict[str, tuple[Callable[[SchedulingContext], np.ndarray], bool]] = {
     "all_decodes_tokens_num": (_all_decodes_tokens, True),
     "predicted_ttft": (_predicted("predicted_ttft_ms"), True),
     "predicted_tpot": (_predicted("predicted_tpot_ms"), True),
+    "predicted_decode_tokens": (lambda ctx: ctx.state.predicted_output, True),
 }
 _LITE: dict[str, tuple[Callable[[SchedulingContext], np.ndarray], bool]] = {
     "num_requests": (lambda ctx: ctx.state.lite[:, 0], True),
     "num_tokens": (lambda ctx: ctx.state.lite[:, 1], True),
+    "predicted_decode_tokens": (lambda ctx: ctx.state.predicted_output, True),
 }
 METRIC_NAMES = tuple(sorted({*_FULL, *_LITE}))
 

@@ -73,7 +73,9 @@ class ClusterState:
         self.status = np.zeros((n, len(STATUS_FIELDS)))
         self.account = np.zeros((n, len(ACCOUNT_FIELDS)))
         self.lite = np.zeros((n, 2))  # requests, tokens
-        self._columns = (self.has_status, self.schedulable, self.status, self.account, self.lite)
+        self.predicted_output = np.zeros(n)  # predicted output tokens of in-flight requests
+        self._columns = (self.has_status, self.schedulable, self.status, self.account, self.lite,
+                         self.predicted_output)
         if old_cols is not None:
             for iid, row in self.index.items():
                 if iid in old:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import msgspec
 
@@ -22,6 +23,7 @@ from prescient.engine import EngineConfig, EngineRequest, SimEngine
 from prescient.errors import ConfigError
 from prescient.model import InstanceMetadata, InstanceStatus, Request
 from prescient.policy import Dispatcher, make_dispatcher
+from prescient.predict.output_length import make_output_predictor
 from prescient.predict.slo import SloLatencyModel
 from prescient.sim.loop import EventLoop, Order
 from prescient.sim.oracle import oracle_policy
@@ -39,6 +41,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     enable_prefix_caching: bool = True
     enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING
     profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS
+    queue_policy: Literal["fcfs", "spf"] = "fcfs"  # engine waiting order (EngineConfig)
+    aging_tokens_per_s: float = 100.0
 
 
 class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +53,7 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     load_sample_interval_s: float = 1.0
     wait_scheduling_retry_interval_s: float = 1.0  # gateway: retry a 429 this often...
     wait_scheduling_timeout_s: float = 5.0  # ...for this long, then fail the request
+    output_length_predictor: str = "none"  # none | oracle | lognormal:sigma=S | histogram
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
 
     def __post_init__(self) -> None:
@@ -86,6 +91,8 @@ def build_engines(instances: Sequence[InstanceSpec]) -> dict[str, SimEngine]:
                 enable_prefix_caching=spec.enable_prefix_caching,
                 enable_profiling=spec.enable_profiling,
                 profiling_steps=spec.profiling_steps,
+                queue_policy=spec.queue_policy,
+                aging_tokens_per_s=spec.aging_tokens_per_s,
             )
         except ValueError as e:
             raise ConfigError(f"instance {spec.instance_id}: {e}") from e
@@ -126,6 +133,8 @@ class ClusterSim:
         self._pushed: dict[str, InstanceStatus] = {}  # llumlet pushes since the last poll
         self._push_phase = {iid: rng.uniform(0, settings.status_push_interval_s)
                             for iid in self.engines}
+        self.output_predictor = make_output_predictor(
+            settings.output_length_predictor, random.Random(rng.getrandbits(64)))
         self._step_end: dict[str, float] = {}
         self._records: dict[str, RequestRecord] = {}
         self._load: list[LoadSample] = []
@@ -156,6 +165,9 @@ class ClusterSim:
 
     def _arrive(self, req: Request, index: int) -> None:
         self._next_arrival(index + 1)
+        if self.output_predictor is not None:  # the router's guess, which engines may queue by
+            req = msgspec.structs.replace(
+                req, predicted_output_len=self.output_predictor.predict(req))
         self._records[req.request_id] = RequestRecord(
             request_id=req.request_id, arrival_time=req.arrival_time,
             prompt_len=req.prompt_len, output_len=req.output_len)
@@ -216,6 +228,8 @@ class ClusterSim:
         record.num_preemptions = req.num_preemptions
         record.num_cached_tokens = req.num_cached_tokens
         self.policy.release(req.request_id, self.loop.now)
+        if self.output_predictor is not None:
+            self.output_predictor.observe(req.request, req.num_output)
         self._num_open -= 1
 
     # ---- status: llumlet pushes and CMS polls ---------------------------------------------

@@ -97,6 +97,7 @@ def instance_specs(scenario: Scenario) -> list[InstanceSpec]:
                 max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                 num_gpu_blocks=c.num_gpu_blocks, enable_prefix_caching=c.enable_prefix_caching,
                 enable_profiling=profiling, profiling_steps=c.profiling_steps or 2**62,
+                queue_policy=c.queue_policy, aging_tokens_per_s=c.aging_tokens_per_s,
             ))
     return specs
 
@@ -108,6 +109,7 @@ def sim_settings(scenario: Scenario) -> SimSettings:
         status_push_interval_s=o.status_push_interval_ms / 1000,
         load_sample_interval_s=o.load_sample_interval_ms / 1000,
         scheduler=scenario.scheduler,
+        output_length_predictor=scenario.output_length_predictor,
     )
 
 

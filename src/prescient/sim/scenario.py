@@ -67,6 +67,8 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # LLUMNIX_PROFILING_STEPS: samples each engine exports at most; None: no limit (upstream's
     # engines stop after 50, which starves a predictor polled every second or slower)
     profiling_steps: int | None = None
+    queue_policy: Literal["fcfs", "spf"] = "fcfs"  # engines' waiting order (spf: shortest
+    aging_tokens_per_s: float = 100.0              # predicted output first, with aging)
 
 
 class SyntheticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -121,6 +123,8 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     slo: SloConfig = SloConfig()
     observation: ObservationConfig = ObservationConfig()
     scheduler: SchedulerSettings = SchedulerSettings()  # the policies' flags, snake_case keys
+    # the router's output-length predictor: none | oracle | lognormal:sigma=S | histogram
+    output_length_predictor: str = "none"
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 
 from prescient.engine import AnalyticStepTime, EngineConfig, SimEngine
@@ -213,3 +214,34 @@ def test_waiting_prefill_tokens_in_the_status_are_net_of_prefix_hits(run) -> Non
     st = engine.snapshot(1.0, 1000)
     assert st.waiting_requests == ("b",)
     assert st.num_uncomputed_tokens_all_waiting_prefills == 200 - 192
+
+
+def test_shortest_predicted_first_with_aging_and_preempted_in_front(run) -> None:
+    def waiting_request(rid: str, t: float, predicted: int) -> Request:
+        return req(rid, 50, 5, t, predicted_output_len=predicted)
+
+    engine = make(max_num_seqs=1, queue_policy="spf", aging_tokens_per_s=100.0)
+    done = run(engine, [req("busy", 50, 20, 0.0), waiting_request("long", 0.01, 300),
+                        waiting_request("short", 0.02, 10), waiting_request("old", 0.03, 150)])
+    order = sorted(done, key=lambda r: done[r].first_scheduled_time)
+    # keys: long 300 + 1, short 10 + 2, old 150 + 3 -> short, old, long
+    assert order == ["busy", "short", "old", "long"]
+    fcfs = run(make(max_num_seqs=1), [req("busy", 50, 20, 0.0), waiting_request("long", 0.01, 300),
+                                       waiting_request("short", 0.02, 10)])
+    assert sorted(fcfs, key=lambda r: fcfs[r].first_scheduled_time) == ["busy", "long", "short"]
+
+
+def test_skipping_decode_runs_stays_exact_with_a_shortest_first_queue(run) -> None:
+    rng = random.Random(4)
+    requests = [msgspec.structs.replace(r, predicted_output_len=rng.randint(1, 400))
+                for r in random_requests(200, seed=2)]
+    results = []
+    for skip in (True, False):
+        engine = SimEngine("i0", EngineConfig(num_gpu_blocks=400, max_num_seqs=8,
+                                              max_num_batched_tokens=512, queue_policy="spf"),
+                           H100ISH, skip_decode_runs=skip)
+        done = run(engine, requests)
+        results.append({k: (v.first_token_time, v.finish_time) for k, v in done.items()})
+    for k, (first, finish) in results[0].items():
+        assert first == pytest.approx(results[1][k][0], rel=1e-9, abs=1e-12)
+        assert finish == pytest.approx(results[1][k][1], rel=1e-9, abs=1e-12)

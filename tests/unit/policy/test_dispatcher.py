@@ -122,3 +122,21 @@ def test_instances_that_vanish_take_their_account_with_them(settings: Settings) 
     d.on_instances({"i1": meta("i1")}, 2.0)
     assert d.state.ids == ("i1",)
     assert d.schedule(request(rid="r2"), 2.1).instance_id == "i1"
+
+
+def test_predicted_decode_tokens_follow_dispatches_and_releases(settings: Settings) -> None:
+    import msgspec
+
+    from prescient.policy.metrics import make_metric
+
+    lite = dispatcher(replace(settings, enable_full_mode_scheduling=False,
+                              dispatch_neutral_load_metric="predicted_decode_tokens"), types="NN")
+    picks = []
+    for k, predicted in enumerate((500, 100, 50)):
+        r = msgspec.structs.replace(request(100, f"r{k}"), predicted_output_len=predicted)
+        picks.append(lite.schedule(r, 1.0).instance_id)
+    assert picks == ["i0", "i1", "i1"]  # i1 holds 100 < 500 predicted tokens
+    assert lite.state.predicted_output.tolist() == [500, 150]
+    lite.release("r0", 2.0)
+    assert lite.state.predicted_output.tolist() == [0, 150]
+    assert make_metric("predicted_decode_tokens", full_mode=True).name == "predicted_decode_tokens"
