@@ -64,6 +64,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--instances", type=int, help="number of instances (default 8)")
     p.add_argument("--preset", help="engine preset, or groups: llama3-8b-h100:4,llama3-8b-a100:4")
     p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--engine-batching", choices=("vllm", "lens"),
+                   help="engines' token budget per step: vLLM's fixed one, or NexusSched's LENS")
     p.add_argument("--queue-policy", choices=("fcfs", "spf"),
                    help="engines' waiting order: arrival, or shortest predicted output first")
     p.add_argument("--output-length-predictor",
@@ -182,7 +184,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         ("workload.duration_s", args.duration), ("workload.num_requests", args.num_requests),
         ("workload.warmup_s", args.warmup), ("workload.cooldown_s", args.cooldown),
         ("cluster.instances", args.instances), ("cluster.max_num_seqs", args.max_num_seqs),
-        ("cluster.queue_policy", args.queue_policy),
+        ("cluster.queue_policy", args.queue_policy), ("cluster.batching", args.engine_batching),
         ("output_length_predictor", args.output_length_predictor),
         ("cluster.max_num_batched_tokens", args.max_num_batched_tokens), ("seed", args.seed),
         ("slo.ttft_ms", args.ttft_slo), ("slo.tpot_ms", args.tpot_slo),

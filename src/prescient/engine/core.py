@@ -49,6 +49,13 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     recent_waiting_s: float = 10.0  # window of `recent_waiting_requests`, seconds
     enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING: export step-time samples
     profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS: samples exported at most
+    # Token budget per step: vLLM's fixed `max_num_batched_tokens`, or NexusSched's LENS,
+    # which aims each step at a latency rising from `lens_min_step_ms` (idle) to
+    # `lens_target_step_ms` (the TPOT SLO) as the waiting queue grows to `lens_queue_threshold`
+    batching: Literal["vllm", "lens"] = "vllm"
+    lens_min_step_ms: float = 15.0
+    lens_target_step_ms: float = 50.0
+    lens_queue_threshold: int = 5
     queue_policy: Literal["fcfs", "spf"] = "fcfs"  # waiting order: arrival, or shortest
     # predicted output first; each second of waiting counts as this many tokens shorter
     aging_tokens_per_s: float = 100.0
@@ -62,6 +69,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("watermark must be in [0, 1)")
         if self.aging_tokens_per_s < 0:
             raise ValueError("aging_tokens_per_s must be >= 0")
+        lens_ok = 0 < self.lens_min_step_ms <= self.lens_target_step_ms
+        if not lens_ok or self.lens_queue_threshold < 1:
+            raise ValueError("LENS needs 0 < min step <= target step and a queue threshold >= 1")
 
 
 class EngineRequest:
@@ -272,7 +282,7 @@ class SimEngine:
         step = self._step
         self._dec_need = self._decode_need(step, 1)
         self._make_room(0, step, None)
-        budget = self.config.max_num_batched_tokens - self._dec_count
+        budget = self._token_budget(step) - self._dec_count
         chunks: list[tuple[EngineRequest, int]] = []
         budget = self._schedule_running_prefills(step, budget, chunks)
         if self.config.queue_policy == "spf" and len(self._waiting) > 1:
@@ -283,6 +293,27 @@ class SimEngine:
         if not self._dec_count:
             raise RuntimeError(f"{self.instance_id}: work queued but nothing schedulable")
         return self._decode_run_plan(now, step)
+
+    def _token_budget(self, step: int) -> int:
+        """Tokens this step may schedule: vLLM's fixed budget, or LENS's latency-aimed one.
+
+        LENS (NexusSched, papers.md §1.3): the target step latency ramps linearly from the
+        floor to the TPOT SLO as the waiting queue fills, so steps stay short (fast decodes)
+        when nothing waits and grow (more prefill throughput) under backlog. The budget is the
+        decodes plus the prefill tokens that fit the target, priced by the step-time model;
+        this engine's LENS uses its own (exact) model, where the paper learns one online.
+        """
+        cfg = self.config
+        if cfg.batching == "vllm":
+            return cfg.max_num_batched_tokens
+        span = cfg.lens_target_step_ms - cfg.lens_min_step_ms
+        fill = min(1.0, len(self._waiting) / cfg.lens_queue_threshold)
+        target_s = (cfg.lens_min_step_ms + span * fill) / 1000.0
+        kv = self._dec_a_sum + self._dec_count * step
+        decodes_only = self.model.step_time(0, 0.0, self._dec_count, kv)
+        per_token = self.model.step_time(1024, 0.0, self._dec_count, kv) - decodes_only
+        prefill = max(self._bs, int((target_s - decodes_only) * 1024 / per_token))
+        return min(cfg.max_num_batched_tokens, self._dec_count + prefill)
 
     def _order_waiting(self) -> None:
         """Shortest predicted output first, with aging; preempted requests stay in front.

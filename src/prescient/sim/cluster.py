@@ -41,6 +41,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     enable_prefix_caching: bool = True
     enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING
     profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS
+    batching: Literal["vllm", "lens"] = "vllm"  # engine token budget per step (EngineConfig)
     queue_policy: Literal["fcfs", "spf"] = "fcfs"  # engine waiting order (EngineConfig)
     aging_tokens_per_s: float = 100.0
 
@@ -92,6 +93,7 @@ def build_engines(instances: Sequence[InstanceSpec]) -> dict[str, SimEngine]:
                 enable_profiling=spec.enable_profiling,
                 profiling_steps=spec.profiling_steps,
                 queue_policy=spec.queue_policy,
+                batching=spec.batching,
                 aging_tokens_per_s=spec.aging_tokens_per_s,
             )
         except ValueError as e:

@@ -67,6 +67,7 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # LLUMNIX_PROFILING_STEPS: samples each engine exports at most; None: no limit (upstream's
     # engines stop after 50, which starves a predictor polled every second or slower)
     profiling_steps: int | None = None
+    batching: Literal["vllm", "lens"] = "vllm"  # engines' token budget: fixed, or LENS
     queue_policy: Literal["fcfs", "spf"] = "fcfs"  # engines' waiting order (spf: shortest
     aging_tokens_per_s: float = 100.0              # predicted output first, with aging)
 

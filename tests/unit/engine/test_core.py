@@ -245,3 +245,20 @@ def test_skipping_decode_runs_stays_exact_with_a_shortest_first_queue(run) -> No
     for k, (first, finish) in results[0].items():
         assert first == pytest.approx(results[1][k][0], rel=1e-9, abs=1e-12)
         assert finish == pytest.approx(results[1][k][1], rel=1e-9, abs=1e-12)
+
+
+def test_lens_aims_steps_at_a_latency_that_grows_with_the_queue() -> None:
+    lens = make(max_num_seqs=8, max_num_batched_tokens=8192, batching="lens",
+                lens_min_step_ms=15.0, lens_target_step_ms=50.0, lens_queue_threshold=5)
+    lens.add_request(req("a", 4000, 2), 0.0)
+    end = lens.start_step(0.0)
+    # one request waits: the target is 15 + 35 / 5 = 22 ms; SIMPLE prices 10 ms + 1 ms per
+    # token, so 12 prefill tokens fit, floored at one block (16 tokens): a 26 ms step
+    assert end == pytest.approx(0.026)
+    busy = make(max_num_seqs=8, max_num_batched_tokens=8192, batching="lens")
+    for k in range(6):
+        busy.add_request(req(f"r{k}", 4000, 2), 0.0)
+    assert busy.start_step(0.0) == pytest.approx(0.050)  # backlog: the 50 ms target
+    vllm = make(max_num_seqs=8, max_num_batched_tokens=8192)
+    vllm.add_request(req("a", 4000, 2), 0.0)
+    assert vllm.start_step(0.0) == pytest.approx(4.010)  # vLLM takes the whole budget
