@@ -57,10 +57,9 @@ class ProfileMetadata(msgspec.Struct, frozen=True, kw_only=True):
     description: str = ""
 
 
-class TtftResult(msgspec.Struct, frozen=True, kw_only=True):
-    """One prefill size. Only `p50` is used; the other statistics are checked when present."""
+class _LatencyStats(msgspec.Struct, frozen=True, kw_only=True):
+    """The statistics of one grid point, ms. Only `p50` is used; the rest are type-checked."""
 
-    tokens_num: Annotated[int, msgspec.Meta(ge=1)]  # tokens in the chunk
     mean: _Ms = 0.0
     std: _Ms = 0.0
     min: _Ms = 0.0
@@ -71,19 +70,17 @@ class TtftResult(msgspec.Struct, frozen=True, kw_only=True):
     raw_data: tuple[_Ms, ...] = ()  # every sample, ms
 
 
-class TpotResult(msgspec.Struct, frozen=True, kw_only=True):
-    """One decode batch shape. Only `p50` is used; the other statistics are checked."""
+class TtftResult(_LatencyStats, frozen=True, kw_only=True):
+    """One prefill size."""
+
+    tokens_num: Annotated[int, msgspec.Meta(ge=1)]  # tokens in the chunk
+
+
+class TpotResult(_LatencyStats, frozen=True, kw_only=True):
+    """One decode batch shape."""
 
     batch_size: Annotated[int, msgspec.Meta(ge=1)]  # decoding requests
     tokens_per_request: Annotated[float, msgspec.Meta(gt=0)]  # mean context, tokens
-    mean: _Ms = 0.0
-    std: _Ms = 0.0
-    min: _Ms = 0.0
-    max: _Ms = 0.0
-    p50: _Ms
-    p95: _Ms = 0.0
-    p99: _Ms = 0.0
-    raw_data: tuple[_Ms, ...] = ()
 
 
 class TtftProfile(msgspec.Struct, frozen=True, kw_only=True):
