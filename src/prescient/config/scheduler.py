@@ -177,6 +177,10 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         ge=1)] = 65536
     num_predictor_warmup_samples: Annotated[int, Setting(
         PREDICTOR, "Profiling samples before the step-time model is fitted.", ge=1)] = 20
+    step_predictor: Annotated[Literal["quadratic", "structural"], Setting(
+        PREDICTOR, "Step-time model of the prefill replay: upstream's quadratic in prefill "
+        "tokens, or NexusSched's structural model (fed B = 1 per profiling sample).")] = (
+        "quadratic")
 
     # --- SLO-aware scheduling ---
     ttft_profiling_data_path: Annotated[str, Setting(

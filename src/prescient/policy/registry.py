@@ -46,6 +46,7 @@ from prescient.policy.selectors import (
 from prescient.predict.enhanced import PredictorEnhancement
 from prescient.predict.quadratic import PredictorBank
 from prescient.predict.slo_scheduling import SloPrediction
+from prescient.predict.structural import StructuralBank
 
 if TYPE_CHECKING:
     from prescient.predict.slo import SloLatencyModel
@@ -178,9 +179,12 @@ def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: Dispa
         account = LocalAccount(settings.request_local_account_staleness_seconds)
     features: list[Feature] = []
     if full and getattr(settings, "enable_predictor_enhanced_scheduling", False):
-        bank = PredictorBank(getattr(settings, "num_predictor_warmup_samples", 20), shared=True)
-        features.append(PredictorEnhancement(
-            bank, getattr(settings, "max_num_batched_tokens", 65536)))
+        warmup = getattr(settings, "num_predictor_warmup_samples", 20)
+        max_tokens = getattr(settings, "max_num_batched_tokens", 65536)
+        bank: PredictorBank | StructuralBank = PredictorBank(warmup, shared=True)
+        if getattr(settings, "step_predictor", "quadratic") == "structural":
+            bank = StructuralBank(warmup, shared=True, max_tokens=max_tokens)
+        features.append(PredictorEnhancement(bank, max_tokens))
     return Dispatcher(name, pipelines, rng, full_mode=full, local_account=account,
                       needs_cms=full, features=[*features, *extra_features])
 

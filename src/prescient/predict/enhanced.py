@@ -12,6 +12,10 @@ for prefill instances, so a cluster without PD disaggregation gained nothing), a
 budget is each instance's reported `max_num_batched_tokens` when its metadata has one (the
 `--max-num-batched-tokens` flag otherwise), so a mismatch between flag and engine cannot skew
 the replay.
+
+The bank is upstream's quadratic `PredictorBank` or, with `--step-predictor structural`, a
+`StructuralBank` (NexusSched's model, fed `B = 1` per profiling sample since samples carry no
+request count, priced for the replay through its quadratic approximation).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from prescient.policy.framework import SchedulingContext
 from prescient.policy.state import INFER_CODES, ClusterState
 from prescient.predict.prefill_sim import predict_computed_prefill_tokens
 from prescient.predict.quadratic import PredictorBank, ProfilingSampleLike
+from prescient.predict.structural import StructuralBank
 
 _COMPUTES_PREFILL = (INFER_CODES[InferType.PREFILL], INFER_CODES[InferType.NEUTRAL])
 
@@ -32,7 +37,7 @@ _COMPUTES_PREFILL = (INFER_CODES[InferType.PREFILL], INFER_CODES[InferType.NEUTR
 class PredictorEnhancement:
     """Fills `ctx.predicted_computed_tokens` from per-instance step-time predictors."""
 
-    def __init__(self, bank: PredictorBank, max_num_batched_tokens: int) -> None:
+    def __init__(self, bank: PredictorBank | StructuralBank, max_num_batched_tokens: int) -> None:
         if max_num_batched_tokens <= 0:
             raise ValueError("--max-num-batched-tokens must be > 0")
         self.bank = bank

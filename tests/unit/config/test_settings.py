@@ -140,8 +140,12 @@ CODE_FLAGS: list[tuple[str, Any, str, Any]] = [
     ("--port", 8002, "8088", 8088),
     ("--service-token", "", "tok", "tok"),
 ]
+# Prescient's own flags, beyond upstream's
+OWN_FLAGS: list[tuple[str, Any, str, Any]] = [
+    ("--step-predictor", "quadratic", "structural", "structural"),
+]
 
-ALL_FLAGS = SEED_FLAGS + CODE_FLAGS
+ALL_FLAGS = SEED_FLAGS + CODE_FLAGS + OWN_FLAGS
 OPTIONS = {opt.flag: opt for opt in describe(SchedulerSettings)}
 
 
