@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prescient.errors import ConfigError
 from prescient.model import InferType
@@ -78,6 +78,14 @@ class DispatchSettings(Protocol):
     request_local_account_staleness_seconds: float
     failover_domain: str
     instance_staleness_seconds: float
+    enable_predictor_enhanced_scheduling: bool
+    num_predictor_warmup_samples: int
+    max_num_batched_tokens: int
+    step_predictor: str
+    ttft_slo: float
+    tpot_slo: float
+    ttft_slo_dispatch_threshold: float
+    tpot_slo_dispatch_threshold: float
 
 
 PolicyFactory = Callable[[DispatchSettings, random.Random], Dispatcher]
@@ -157,7 +165,7 @@ def _slo(settings: DispatchSettings, rng: random.Random, model: SloLatencyModel)
     if not settings.enable_full_mode_scheduling:
         raise ConfigError("--scheduling-policy slo needs --enable-full-mode-scheduling=true")
     ttft, tpot = make_metric("predicted_ttft"), make_metric("predicted_tpot")
-    s: Any = settings
+    s = settings
     ttft_ok = MetricThreshold(ttft, s.ttft_slo * s.ttft_slo_dispatch_threshold, soft=False)
     tpot_ok = MetricThreshold(tpot, s.tpot_slo * s.tpot_slo_dispatch_threshold, soft=False)
     health, failover = _health_filters(settings), [Failover(settings.failover_domain)]
@@ -178,11 +186,11 @@ def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: Dispa
     if full and settings.enable_instance_status_local_account:
         account = LocalAccount(settings.request_local_account_staleness_seconds)
     features: list[Feature] = []
-    if full and getattr(settings, "enable_predictor_enhanced_scheduling", False):
-        warmup = getattr(settings, "num_predictor_warmup_samples", 20)
-        max_tokens = getattr(settings, "max_num_batched_tokens", 65536)
+    if full and settings.enable_predictor_enhanced_scheduling:
+        warmup = settings.num_predictor_warmup_samples
+        max_tokens = settings.max_num_batched_tokens
         bank: PredictorBank | StructuralBank = PredictorBank(warmup, shared=True)
-        if getattr(settings, "step_predictor", "quadratic") == "structural":
+        if settings.step_predictor == "structural":
             bank = StructuralBank(warmup, shared=True, max_tokens=max_tokens)
         features.append(PredictorEnhancement(bank, max_tokens))
     return Dispatcher(name, pipelines, rng, full_mode=full, local_account=account,

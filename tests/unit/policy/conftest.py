@@ -28,6 +28,14 @@ class Settings:
     request_local_account_staleness_seconds: float = 10.0
     failover_domain: str = "instance"
     instance_staleness_seconds: float = 60.0
+    enable_predictor_enhanced_scheduling: bool = False
+    num_predictor_warmup_samples: int = 20
+    max_num_batched_tokens: int = 65536
+    step_predictor: str = "quadratic"
+    ttft_slo: float = 6000.0
+    tpot_slo: float = 50.0
+    ttft_slo_dispatch_threshold: float = 1.0
+    tpot_slo_dispatch_threshold: float = 1.0
 
 
 def meta(iid: str, infer_type: InferType = InferType.NEUTRAL, node: str = "0", unit: str = "",
