@@ -24,91 +24,17 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from itertools import count, islice
-from typing import Literal
 
 import msgspec
 
+from prescient.engine.config import EngineConfig
 from prescient.engine.kv_cache import BlockPool
+from prescient.engine.request import EngineRequest
 from prescient.engine.step_time import StepTimeModel
 from prescient.engine.steps import count_starts, run_time
 from prescient.model import InstanceStatus, Request
 
 _NO_SAMPLE = (-1, 0, 0.0)
-
-
-class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """Engine limits, as vLLM names them."""
-
-    num_gpu_blocks: int  # KV capacity in blocks
-    block_size: int = 16  # tokens per KV block
-    max_num_seqs: int = 256  # running requests at most
-    max_num_batched_tokens: int = 8192  # tokens scheduled per step at most
-    watermark: float = 0.01  # fraction of blocks kept free when admitting a request
-    enable_prefix_caching: bool = True
-    max_model_len: int = 131072  # prompt + output tokens at most
-    recent_waiting_s: float = 10.0  # window of `recent_waiting_requests`, seconds
-    enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING: export step-time samples
-    profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS: samples exported at most
-    # Token budget per step: vLLM's fixed `max_num_batched_tokens`, or NexusSched's LENS,
-    # which aims each step at a latency rising from `lens_min_step_ms` (idle) to
-    # `lens_target_step_ms` (the TPOT SLO) as the waiting queue grows to `lens_queue_threshold`
-    batching: Literal["vllm", "lens"] = "vllm"
-    lens_min_step_ms: float = 15.0
-    lens_target_step_ms: float = 50.0
-    lens_queue_threshold: int = 5
-    queue_policy: Literal["fcfs", "spf"] = "fcfs"  # waiting order: arrival, or shortest
-    # predicted output first; each second of waiting counts as this many tokens shorter
-    aging_tokens_per_s: float = 100.0
-
-    def __post_init__(self) -> None:
-        if self.num_gpu_blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:
-            raise ValueError("num_gpu_blocks, block_size and max_num_seqs must be >= 1")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every decode runs)")
-        if not 0.0 <= self.watermark < 1.0:
-            raise ValueError("watermark must be in [0, 1)")
-        if self.aging_tokens_per_s < 0:
-            raise ValueError("aging_tokens_per_s must be >= 0")
-        lens_ok = 0 < self.lens_min_step_ms <= self.lens_target_step_ms
-        if not lens_ok or self.lens_queue_threshold < 1:
-            raise ValueError("LENS needs 0 < min step <= target step and a queue threshold >= 1")
-
-
-class EngineRequest:
-    """A request inside one engine. Decode progress is kept relative to an anchor step."""
-
-    __slots__ = ("a", "arrival_time", "coverage_blocks", "epoch", "finish_step", "finish_time",
-                 "first_scheduled_time", "first_token_time", "g0", "hashes", "num_blocks",
-                 "num_cached_tokens", "num_computed", "num_output", "num_preemptions", "owned",
-                 "request", "request_id")
-
-    def __init__(self, request: Request, now: float, coverage_blocks: int) -> None:
-        self.request = request
-        self.request_id = request.request_id
-        self.arrival_time = now  # seconds, when the engine received it
-        self.num_output = 0  # tokens sampled (as of the anchor while decoding)
-        self.num_computed = 0  # tokens with KV (as of the anchor while decoding)
-        self.num_blocks = 0  # blocks held (as of the anchor while decoding)
-        self.coverage_blocks = coverage_blocks  # leading blocks whose content can be shared
-        self.hashes: list[int] = []  # chain hashes of the shareable blocks, computed lazily
-        self.owned: list[int | None] = []  # per full shareable block: cached hash or None
-        self.g0 = -1  # anchor step while decoding, else -1
-        self.a = 0  # KV slots needed at step s are a + s while decoding
-        self.finish_step = 0  # engine step count at which it has all its tokens
-        self.epoch = 0  # invalidates stale finish-heap entries
-        self.first_scheduled_time: float | None = None
-        self.first_token_time: float | None = None
-        self.finish_time: float | None = None
-        self.num_preemptions = 0
-        self.num_cached_tokens = 0  # prefix-cache hit at first admission, tokens
-
-    @property
-    def num_tokens(self) -> int:
-        """Prompt plus sampled tokens (as of the anchor while decoding)."""
-        return self.request.prompt_len + self.num_output
-
-    def __repr__(self) -> str:
-        return f"EngineRequest({self.request_id!r}, out={self.num_output})"
 
 
 class StepOutcome(msgspec.Struct, frozen=True):

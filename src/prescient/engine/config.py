@@ -1,0 +1,45 @@
+"""The simulated engine's limits and policies, as vLLM names them where vLLM has them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Engine limits, as vLLM names them."""
+
+    num_gpu_blocks: int  # KV capacity in blocks
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 256  # running requests at most
+    max_num_batched_tokens: int = 8192  # tokens scheduled per step at most
+    watermark: float = 0.01  # fraction of blocks kept free when admitting a request
+    enable_prefix_caching: bool = True
+    max_model_len: int = 131072  # prompt + output tokens at most
+    recent_waiting_s: float = 10.0  # window of `recent_waiting_requests`, seconds
+    enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING: export step-time samples
+    profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS: samples exported at most
+    # Token budget per step: vLLM's fixed `max_num_batched_tokens`, or NexusSched's LENS,
+    # which aims each step at a latency rising from `lens_min_step_ms` (idle) to
+    # `lens_target_step_ms` (the TPOT SLO) as the waiting queue grows to `lens_queue_threshold`
+    batching: Literal["vllm", "lens"] = "vllm"
+    lens_min_step_ms: float = 15.0
+    lens_target_step_ms: float = 50.0
+    lens_queue_threshold: int = 5
+    queue_policy: Literal["fcfs", "spf"] = "fcfs"  # waiting order: arrival, or shortest
+    # predicted output first; each second of waiting counts as this many tokens shorter
+    aging_tokens_per_s: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.num_gpu_blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:
+            raise ValueError("num_gpu_blocks, block_size and max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every decode runs)")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError("watermark must be in [0, 1)")
+        if self.aging_tokens_per_s < 0:
+            raise ValueError("aging_tokens_per_s must be >= 0")
+        lens_ok = 0 < self.lens_min_step_ms <= self.lens_target_step_ms
+        if not lens_ok or self.lens_queue_threshold < 1:
+            raise ValueError("LENS needs 0 < min step <= target step and a queue threshold >= 1")
