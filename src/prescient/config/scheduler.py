@@ -181,6 +181,9 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         PREDICTOR, "Step-time model of the prefill replay: upstream's quadratic in prefill "
         "tokens, or NexusSched's structural model (fed B = 1 per profiling sample).")] = (
         "quadratic")
+    per_instance_predictors: Annotated[bool, Setting(
+        PREDICTOR, "One step-time model per instance (heterogeneous clusters) instead of "
+        "upstream's single shared one.")] = False
 
     # --- SLO-aware scheduling ---
     ttft_profiling_data_path: Annotated[str, Setting(

@@ -82,6 +82,7 @@ class DispatchSettings(Protocol):
     num_predictor_warmup_samples: int
     max_num_batched_tokens: int
     step_predictor: str
+    per_instance_predictors: bool
     ttft_slo: float
     tpot_slo: float
     ttft_slo_dispatch_threshold: float
@@ -189,9 +190,10 @@ def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: Dispa
     if full and settings.enable_predictor_enhanced_scheduling:
         warmup = settings.num_predictor_warmup_samples
         max_tokens = settings.max_num_batched_tokens
-        bank: PredictorBank | StructuralBank = PredictorBank(warmup, shared=True)
+        shared = not settings.per_instance_predictors
+        bank: PredictorBank | StructuralBank = PredictorBank(warmup, shared=shared)
         if settings.step_predictor == "structural":
-            bank = StructuralBank(warmup, shared=True, max_tokens=max_tokens)
+            bank = StructuralBank(warmup, shared=shared, max_tokens=max_tokens)
         features.append(PredictorEnhancement(bank, max_tokens))
     return Dispatcher(name, pipelines, rng, full_mode=full, local_account=account,
                       needs_cms=full, features=[*features, *extra_features])

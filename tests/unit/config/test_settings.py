@@ -143,6 +143,7 @@ CODE_FLAGS: list[tuple[str, Any, str, Any]] = [
 # Prescient's own flags, beyond upstream's
 OWN_FLAGS: list[tuple[str, Any, str, Any]] = [
     ("--step-predictor", "quadratic", "structural", "structural"),
+    ("--per-instance-predictors", False, "true", True),
 ]
 
 ALL_FLAGS = SEED_FLAGS + CODE_FLAGS + OWN_FLAGS

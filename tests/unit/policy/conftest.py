@@ -32,6 +32,7 @@ class Settings:
     num_predictor_warmup_samples: int = 20
     max_num_batched_tokens: int = 65536
     step_predictor: str = "quadratic"
+    per_instance_predictors: bool = False
     ttft_slo: float = 6000.0
     tpot_slo: float = 50.0
     ttft_slo_dispatch_threshold: float = 1.0

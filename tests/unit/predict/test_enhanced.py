@@ -76,3 +76,12 @@ def test_load_balance_gets_the_feature_only_in_full_mode_when_enabled() -> None:
     lite = msgspec.structs.replace(on, enable_full_mode_scheduling=False,
                                    dispatch_neutral_load_metric="num_tokens")
     assert not make_dispatcher("load-balance", lite, random.Random(0)).features
+
+
+def test_per_instance_predictors_keep_one_bank_entry_per_instance() -> None:
+    per = msgspec.structs.replace(SchedulerSettings(), enable_predictor_enhanced_scheduling=True,
+                                  per_instance_predictors=True)
+    bank = make_dispatcher("load-balance", per, random.Random(0)).features[0].bank
+    assert not bank.shared
+    on = msgspec.structs.replace(per, per_instance_predictors=False)
+    assert make_dispatcher("load-balance", on, random.Random(0)).features[0].bank.shared
