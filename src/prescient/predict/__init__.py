@@ -9,6 +9,7 @@ which the scheduler subtracts from `all_prefills_tokens_num`.
 No I/O and no wall clock: elapsed time comes in as milliseconds computed by the caller.
 """
 
+from prescient.predict.bank import ModelBank, ProfilingSampleLike
 from prescient.predict.prefill_sim import (
     MAX_PREDICTED_STEP_MS,
     MIN_PREDICTED_STEP_MS,
@@ -20,7 +21,6 @@ from prescient.predict.quadratic import (
     FitKind,
     PredictorBank,
     PredictorNotFittedError,
-    ProfilingSampleLike,
     QuadraticPredictor,
     fit_step_time,
 )
@@ -31,6 +31,7 @@ __all__ = [
     "MIN_PREDICTED_STEP_MS",
     "QUADRATIC_MAX_COND",
     "FitKind",
+    "ModelBank",
     "PredictorBank",
     "PredictorNotFittedError",
     "ProfilingSampleLike",

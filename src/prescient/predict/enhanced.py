@@ -27,8 +27,9 @@ import numpy as np
 from prescient.model import InferType
 from prescient.policy.framework import SchedulingContext
 from prescient.policy.state import INFER_CODES, ClusterState
+from prescient.predict.bank import ProfilingSampleLike
 from prescient.predict.prefill_sim import predict_computed_prefill_tokens
-from prescient.predict.quadratic import PredictorBank, ProfilingSampleLike
+from prescient.predict.quadratic import PredictorBank
 from prescient.predict.structural import StructuralBank
 
 _COMPUTES_PREFILL = (INFER_CODES[InferType.PREFILL], INFER_CODES[InferType.NEUTRAL])

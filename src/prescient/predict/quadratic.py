@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
 from enum import StrEnum
-from typing import Protocol
 
 import numpy as np
 
 from prescient.errors import PrescientError
+from prescient.predict.bank import ModelBank, ProfilingSampleLike
 
 QUADRATIC_MAX_COND = 1e8  # upstream: reject the quadratic fit above this condition number
 LINEAR_MAX_COND = 1e12  # upstream: reject the linear fit above this condition number
@@ -60,19 +59,6 @@ class FitKind(StrEnum):
     QUADRATIC = "quadratic"
     LINEAR = "linear"
     CONSTANT = "constant"
-
-
-class ProfilingSampleLike(Protocol):
-    """What the bank reads from a sample (`prescient.cms.view.ProfilingSample` fits)."""
-
-    @property
-    def instance_id(self) -> str: ...
-
-    @property
-    def num_scheduled_prefill_tokens(self) -> int: ...
-
-    @property
-    def step_duration_ms(self) -> float: ...
 
 
 def _solve(design: np.ndarray, y: np.ndarray, max_cond: float) -> np.ndarray | None:
@@ -287,17 +273,13 @@ class QuadraticPredictor:
         self._coef, self._kind, self._fitted = None, None, False
 
 
-class PredictorBank:
+class PredictorBank(ModelBank[QuadraticPredictor]):
     """Step-time predictors of the prefill instances, fed with profiling samples.
 
     Per-instance mode (default): one `QuadraticPredictor` per instance id, so instances on
     different hardware or models each get their own speed. Shared mode (`shared=True`):
     upstream's single global predictor, fed by every prefill instance and used for all.
     """
-
-    __slots__ = ("_kwargs", "_predictors", "_shared")
-
-    _SHARED_KEY = ""
 
     def __init__(self, num_warmup_samples: int = DEFAULT_NUM_WARMUP_SAMPLES, *,
                  shared: bool = False, max_samples: int = DEFAULT_MAX_SAMPLES,
@@ -308,71 +290,20 @@ class PredictorBank:
         Raises:
             ValueError: as `QuadraticPredictor`.
         """
-        QuadraticPredictor(num_warmup_samples, max_samples=max_samples,
-                           drift_window=drift_window, drift_threshold=drift_threshold)
-        self._shared = shared
+        super().__init__(shared=shared)
         self._kwargs = (num_warmup_samples, max_samples, drift_window, drift_threshold)
-        self._predictors: dict[str, QuadraticPredictor] = {}
+        self._new_model()  # validate the arguments now, not at the first sample
 
-    @property
-    def shared(self) -> bool:
-        return self._shared
+    def _new_model(self) -> QuadraticPredictor:
+        warmup, max_samples, window, threshold = self._kwargs
+        return QuadraticPredictor(warmup, max_samples=max_samples, drift_window=window,
+                                  drift_threshold=threshold)
 
-    def _key(self, instance_id: str) -> str:
-        return self._SHARED_KEY if self._shared else instance_id
+    def _feed(self, model: QuadraticPredictor, sample: ProfilingSampleLike) -> bool:
+        return model.add_sample(sample.num_scheduled_prefill_tokens, sample.step_duration_ms)
 
-    def add(self, sample: ProfilingSampleLike) -> bool:
-        """Feed one sample to its instance's predictor (or the shared one).
+    def _refit(self, model: QuadraticPredictor) -> bool:
+        return model.maybe_refit()
 
-        Returns:
-            True when the sample triggered a drift reset.
-        """
-        key = self._key(sample.instance_id)
-        predictor = self._predictors.get(key)
-        if predictor is None:
-            warmup, max_samples, window, threshold = self._kwargs
-            predictor = self._predictors[key] = QuadraticPredictor(
-                warmup, max_samples=max_samples, drift_window=window,
-                drift_threshold=threshold)
-        return predictor.add_sample(sample.num_scheduled_prefill_tokens,
-                                    sample.step_duration_ms)
-
-    def add_all(self, samples: Iterable[ProfilingSampleLike]) -> int:
-        """Feed samples in order; returns how many triggered a drift reset."""
-        return sum(self.add(sample) for sample in samples)
-
-    def maybe_refit_all(self) -> int:
-        """Refit every predictor that needs it (end of a status loop); returns how many."""
-        return sum(p.maybe_refit() for p in self._predictors.values())
-
-    def get(self, instance_id: str) -> QuadraticPredictor | None:
-        """The instance's predictor (the shared one in shared mode) if fitted, else None."""
-        predictor = self._predictors.get(self._key(instance_id))
-        return predictor if predictor is not None and predictor.fitted else None
-
-    def coefficient_arrays(self, instance_ids: Sequence[str]
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`(a, b, c)` arrays aligned with `instance_ids`, NaN where no fitted predictor.
-
-        This is the input `predict_computed_prefill_tokens` expects.
-        """
-        coef = np.full((len(instance_ids), 3), np.nan)
-        for row, instance_id in enumerate(instance_ids):
-            predictor = self.get(instance_id)
-            if predictor is not None:
-                coef[row] = predictor.coefficients
-        return coef[:, 0], coef[:, 1], coef[:, 2]
-
-    def reset(self, instance_id: str | None = None) -> None:
-        """Drop the samples of one instance, or of all with None.
-
-        Raises:
-            ValueError: an instance id in shared mode, where samples are not kept per instance.
-        """
-        if instance_id is None:
-            self._predictors.clear()
-        elif self._shared:
-            raise ValueError("a shared predictor bank keeps no per-instance samples; "
-                             "call reset() without an instance id")
-        else:
-            self._predictors.pop(instance_id, None)
+    def _coefficients(self, model: QuadraticPredictor) -> tuple[float, float, float]:
+        return model.coefficients

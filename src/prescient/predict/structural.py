@@ -58,14 +58,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from prescient.predict.quadratic import ProfilingSampleLike
+from prescient.predict.bank import ModelBank, ProfilingSampleLike
 
 DEFAULT_NUM_WARMUP_SAMPLES = 20  # upstream: at least 20 samples before the structural fit
 DEFAULT_MAX_SAMPLES = 1000  # upstream buffer size
@@ -556,19 +555,16 @@ class StructuralStepModel:
         return result
 
 
-class StructuralBank:
+class StructuralBank(ModelBank[StructuralStepModel]):
     """`PredictorBank`'s interface over `StructuralStepModel`s, for the prefill replay.
 
     Profiling samples from the CMS carry the step's prefill tokens `S` but not its request
     count, so every sample is recorded with `B = 1` (decodes in the same step are invisible,
     as for the quadratic predictor); coefficients are `as_quadratic(1, max_tokens)`. Per
-    instance by default, or one shared model (`shared=True`, what the dispatcher uses, like
-    upstream's single predictor).
+    instance by default, or one shared model (`shared=True`, like upstream's single
+    predictor).
     """
 
-    __slots__ = ("_kwargs", "_max_tokens", "_models", "_shared")
-
-    _SHARED_KEY = ""
     BATCH_REQUESTS = 1  # B of every CMS sample and of the replay's steps
 
     def __init__(self, num_warmup_samples: int = DEFAULT_NUM_WARMUP_SAMPLES, *,
@@ -577,63 +573,23 @@ class StructuralBank:
         """`max_tokens`: the upper end of the quadratic's range (the engines' chunk budget)."""
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
-        StructuralStepModel(num_warmup_samples, max_samples=max_samples,
-                            refit_window=min(DEFAULT_REFIT_WINDOW, max_samples))
+        super().__init__(shared=shared)
         self._kwargs = (num_warmup_samples, max_samples)
-        self._shared = shared
         self._max_tokens = max_tokens
-        self._models: dict[str, StructuralStepModel] = {}
+        self._new_model()  # validate the arguments now, not at the first sample
 
-    @property
-    def shared(self) -> bool:
-        return self._shared
+    def _new_model(self) -> StructuralStepModel:
+        warmup, max_samples = self._kwargs
+        return StructuralStepModel(warmup, max_samples=max_samples,
+                                   refit_window=min(DEFAULT_REFIT_WINDOW, max_samples))
 
-    def _key(self, instance_id: str) -> str:
-        return self._SHARED_KEY if self._shared else instance_id
-
-    def add(self, sample: ProfilingSampleLike) -> bool:
-        """Feed one sample (`B = 1`); returns False (no drift resets here: see `maybe_refit`)."""
-        key = self._key(sample.instance_id)
-        model = self._models.get(key)
-        if model is None:
-            warmup, max_samples = self._kwargs
-            model = self._models[key] = StructuralStepModel(
-                warmup, max_samples=max_samples,
-                refit_window=min(DEFAULT_REFIT_WINDOW, max_samples))
+    def _feed(self, model: StructuralStepModel, sample: ProfilingSampleLike) -> bool:
         model.add_sample(self.BATCH_REQUESTS, sample.num_scheduled_prefill_tokens,
                          sample.step_duration_ms)
-        return False
+        return False  # no drift resets here: see `maybe_refit`
 
-    def add_all(self, samples: Iterable[ProfilingSampleLike]) -> int:
-        for sample in samples:
-            self.add(sample)
-        return 0
+    def _refit(self, model: StructuralStepModel) -> bool:
+        return model.maybe_refit() is not RefitKind.NONE
 
-    def maybe_refit_all(self) -> int:
-        """`maybe_refit()` on every model; returns how many (re)fitted."""
-        return sum(m.maybe_refit() is not RefitKind.NONE for m in self._models.values())
-
-    def get(self, instance_id: str) -> StructuralStepModel | None:
-        """The instance's model (the shared one in shared mode) once fitted, else None."""
-        model = self._models.get(self._key(instance_id))
-        return model if model is not None and model.fitted else None
-
-    def coefficient_arrays(self, instance_ids: Sequence[str]
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`(a, b, c)` arrays aligned with `instance_ids`, NaN where no fitted model."""
-        coef = np.full((len(instance_ids), 3), np.nan)
-        for row, instance_id in enumerate(instance_ids):
-            model = self.get(instance_id)
-            if model is not None:
-                coef[row] = model.as_quadratic(self.BATCH_REQUESTS, self._max_tokens)
-        return coef[:, 0], coef[:, 1], coef[:, 2]
-
-    def reset(self, instance_id: str | None = None) -> None:
-        """Drop one instance's model, or all with None (shared mode: only None)."""
-        if instance_id is None:
-            self._models.clear()
-        elif self._shared:
-            raise ValueError("a shared bank keeps no per-instance samples; "
-                             "call reset() without an instance id")
-        else:
-            self._models.pop(instance_id, None)
+    def _coefficients(self, model: StructuralStepModel) -> tuple[float, float, float]:
+        return model.as_quadratic(self.BATCH_REQUESTS, self._max_tokens)
