@@ -28,7 +28,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from prescient import __version__, profiling
 from prescient.config.presets import get_preset, preset_names
-from prescient.config.scheduler import DESCRIPTION, SchedulerSettings, scheduler_parser
+from prescient.config.scheduler import (
+    DESCRIPTION,
+    SchedulerSettings,
+    load_scheduler_settings,
+    scheduler_parser,
+)
 from prescient.config.settings import new_parser, redacted_builtins, settings_from_namespace
 from prescient.errors import ConfigError, PrescientError
 from prescient.predict.output_length import make_output_predictor
@@ -206,6 +211,7 @@ def _apply_scheduler_flags(data: dict[str, Any], args: argparse.Namespace) -> No
         _set(data, f"scheduler.{key}", value)
     if not args.scheduler_flags:
         return
+    load_scheduler_settings(args.scheduler_flags, {})  # a bad value is named by its flag
     given = vars(scheduler_parser(new_parser()).parse_args(args.scheduler_flags))
     for own in ("config", "extra_args", "print_config"):
         if given.pop(own, None) is not None:

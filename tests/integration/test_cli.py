@@ -67,6 +67,8 @@ def test_bad_input_exits_2_with_a_one_line_message(tmp_path: Path) -> None:
         (["--duration", "5", "--warmup", "10"], "--warmup / --cooldown"),
         (["--cooldown", "-1"], "--cooldown must be >= 0"),
         (["--status-push-interval-ms", "0"], "--status-push-interval-ms"),
+        (["--dispatch-top-k", "0"], "--dispatch-top-k"),
+        (["--enable-full-mode-scheduling=maybe"], "--enable-full-mode-scheduling"),
     ]
     for args, message in cases:
         out = prescient("simulate", *args)
