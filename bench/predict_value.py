@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -67,6 +67,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from common import Inline, goodput_cells, ms, pct, verdict
 from prescient.config.scheduler import SchedulerSettings
 from prescient.engine import SimEngine
 from prescient.model import InferType, Request
@@ -422,28 +423,15 @@ def goodput_job(config: Config, capacity: float, steps: int, kind: str, profiles
                   profiles)
 
 
-class Inline(Executor):
-    """`--jobs 1`: run submitted calls at once, in this process."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
 
 
 # ---- printing ---------------------------------------------------------------------------
 
 
-def ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1e3:.0f}" if x >= 1 else f"{x * 1e3:.1f}"
 
 
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
 
 
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
 
 
 Goodputs = dict[tuple[str, Config], float]  # (kind, config) -> rate scale
@@ -456,10 +444,8 @@ def print_sweep(runs: Sequence[Run], goodputs: Goodputs, native_rps: float) -> N
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         s, c = r.summary, r.config
-        cells = []
-        for kind in ("slo", "ttft"):
-            g = goodputs.get((kind, c))
-            cells += ["-", "-"] if g is None else [f"{g:.4f}", f"{g * native_rps:.1f}"]
+        cells = [cell for kind in ("slo", "ttft")
+                 for cell in goodput_cells(goodputs.get((kind, c)), native_rps)]
         print(f"| {'on' if c.account else 'off'} | {'on' if c.predict else 'off'} | "
               f"{c.poll_ms} | {ms(s.ttft.p50)} | {ms(s.ttft.p99)} | {ms(s.ttft.mean)} | "
               f"{ms(s.tpot.p99)} | {pct(s.slo_attainment)} | {pct(r.ttft_attainment)} | "
@@ -598,10 +584,8 @@ def print_slo_table(runs: Sequence[Run], goodputs: Goodputs, native_rps: float) 
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         s, c = r.summary, r.config
-        cells = []
-        for kind in ("slo", "ttft"):
-            g = goodputs.get((kind, c))
-            cells += ["-", "-"] if g is None else [f"{g:.4f}", f"{g * native_rps:.1f}"]
+        cells = [cell for kind in ("slo", "ttft")
+                 for cell in goodput_cells(goodputs.get((kind, c)), native_rps)]
         print(f"| {c.label} | {ms(s.ttft.p50)} | {ms(s.ttft.p99)} | {ms(s.tpot.p99)} | "
               f"{pct(s.slo_attainment)} | {pct(r.ttft_attainment)} | {s.num_rejected} | "
               + " | ".join(cells) + " |")

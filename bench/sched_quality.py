@@ -50,13 +50,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from common import Inline, ms, pct, verdict
 from prescient.config.scheduler import SchedulerSettings
 from prescient.model import Request
 from prescient.sim.cluster import InstanceSpec, SimResult, SimSettings, simulate
@@ -205,24 +206,13 @@ def goodput_job(label: str, capacity: float, steps: int, kind: str
                   widen=round(0.2 * capacity, 4))
 
 
-class Inline(Executor):
-    """`--jobs 1`: run submitted calls at once, in this process."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
 
 
 # ---- printing ---------------------------------------------------------------------------
 
 
-def ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1e3:.0f}" if x >= 1 else f"{x * 1e3:.1f}"
 
 
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
 
 
 def print_capacity(label: str, capacity: float, runs: Sequence[Run], native_rps: float) -> None:
@@ -268,8 +258,6 @@ def print_goodput_probes(label: str, runs: Sequence[Run], kind: str) -> None:
     print(f"  {label}: {probes}")
 
 
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
 
 
 def print_goals(runs: dict[str, Run], all_goodputs: Goodputs) -> None:
