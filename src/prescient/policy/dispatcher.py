@@ -99,7 +99,8 @@ class Dispatcher:
             for iid in added:
                 self.lite.add_instance(iid)
         self.state.set_instances(current)
-        for iid in self.state.ids:
+        for row, iid in enumerate(self.state.ids):
+            self.state.set_status(row, self.cms.status(iid))
             self._refresh_row(iid)
 
     def on_statuses(self, statuses: Mapping[str, InstanceStatus | None], now: float) -> None:
@@ -213,10 +214,10 @@ class Dispatcher:
             self._add_predicted(iid, -tokens)
 
     def _refresh_row(self, instance_id: str) -> None:
+        """Rewrite the instance's dispatch counts (its status row changes only on polls)."""
         row = self.state.row(instance_id)
         if row is None:
             return
-        self.state.set_status(row, self.cms.status(instance_id))
         if self.account is not None:
             self.state.set_account(row, msgspec.structs.astuple(self.account.totals(instance_id)))
         if self.lite is not None:
