@@ -2,7 +2,7 @@
 
 `prescient simulate` with no arguments compares every baseline on the bundled Azure
 conversation trace; a scenario file (`--scenario`) fixes an experiment, and flags override it.
-`prescient scheduler` resolves the scheduler service's settings (flags, `PRESCIENT_*` environment
+`prescient scheduler` resolves the scheduler service's settings (flags, `PRESCIENT_SCHEDULER_*` environment
 variables, `--config` file); `--print-config` shows them. `prescient profile` measures a simulated
 engine's TTFT/TPOT profiles for SLO-aware scheduling. This module is the only reader of
 `os.environ`. Bad input exits with status 2 and one line naming the flag, key, or file line at

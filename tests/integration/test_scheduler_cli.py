@@ -37,7 +37,7 @@ def test_help_lists_every_group_and_flag_with_defaults() -> None:
 def test_print_config_round_trips_through_a_config_file(tmp_path: Path) -> None:
     out = prescient("scheduler", "--print-config", "--dispatch-top-k", "3",
                     "--rescheduling-policies", "decode_load", "--enable-adaptive-pd",
-                    env={"PRESCIENT_TPOT_SLO": "40"})
+                    env={"PRESCIENT_SCHEDULER_TPOT_SLO": "40"})
     assert out.returncode == 0, out.stderr
     data = yaml.safe_load(out.stdout)
     assert list(data) == sorted(data)
@@ -48,7 +48,7 @@ def test_print_config_round_trips_through_a_config_file(tmp_path: Path) -> None:
     again = load_scheduler_settings(["--config", str(path)], {})
     assert again == load_scheduler_settings(
         ["--dispatch-top-k", "3", "--rescheduling-policies", "decode_load",
-         "--enable-adaptive-pd"], {"PRESCIENT_TPOT_SLO": "40"})
+         "--enable-adaptive-pd"], {"PRESCIENT_SCHEDULER_TPOT_SLO": "40"})
 
 
 def test_without_print_config_the_service_is_not_there_yet(

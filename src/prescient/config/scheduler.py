@@ -4,7 +4,7 @@ Flag names and defaults are the seed scheduler configuration guide's. Where only
 gives a default (`cmd/config/config.go`), that one is used. Where the guide and the code disagree,
 the guide wins and `DEFAULT_CHOICES` records both values and why; the docs render that table.
 
-The flag, env var (``PRESCIENT_<FLAG>``), config-file key (the field name) and ``--help`` text of
+The flag, env var (``PRESCIENT_SCHEDULER_<FLAG>``), config-file key (the field name) and ``--help`` text of
 each field are derived by `prescient.config.settings`. Units are in the flag names (``_ms``,
 ``_s``, ``_seconds``) or the help text. The groups follow the guide's order.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -54,6 +54,8 @@ _PORT = {"ge": 1, "le": 65535}
 
 class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The scheduler service's settings; build with `load_scheduler_settings`."""
+
+    env_prefix: ClassVar[str] = "PRESCIENT_SCHEDULER_"
 
     # --- Service discovery (lite mode; shared with the gateway) ---
     llm_backend_discovery: Annotated[Literal["redis", "etcd", "endpoints"], Setting(
@@ -299,7 +301,7 @@ DEFAULT_CHOICES = (
 
 DESCRIPTION = ("The scheduler service's settings (Llumnix scheduler flags). Each flag can also "
                "come from a --config file (key: the flag with '_' for '-') or an environment "
-               "variable PRESCIENT_<FLAG>. Precedence: defaults < --config < environment < "
+               "variable PRESCIENT_SCHEDULER_<FLAG>. Precedence: defaults < --config < environment < "
                "flags < --extra-args.")
 
 

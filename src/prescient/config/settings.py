@@ -92,9 +92,18 @@ class DefaultChoice(msgspec.Struct, frozen=True):
     why: str
 
 
-def env_var(flag: str) -> str:
+def env_var(flag: str, prefix: str = ENV_PREFIX) -> str:
     """`--cms-pull-status-interval-ms` → `PRESCIENT_CMS_PULL_STATUS_INTERVAL_MS`."""
-    return ENV_PREFIX + flag.removeprefix("--").upper().replace("-", "_")
+    return prefix + flag.removeprefix("--").upper().replace("-", "_")
+
+
+def env_prefix(cls: type[msgspec.Struct]) -> str:
+    """The class's `env_prefix` ClassVar, or `PRESCIENT_`.
+
+    Services that run side by side on one host (gateway, scheduler, engines) declare their own
+    (`PRESCIENT_GATEWAY_`), so `..._PORT` set for one never configures another.
+    """
+    return str(getattr(cls, "env_prefix", ENV_PREFIX))
 
 
 @functools.cache
@@ -104,10 +113,11 @@ def describe(cls: type[msgspec.Struct]) -> tuple[Option, ...]:
     Raises:
         TypeError: a field lacks a `Setting`, a default, or has an unsupported type.
     """
-    return tuple(_option(f) for f in msgspec.structs.fields(cls))
+    prefix = env_prefix(cls)
+    return tuple(_option(f, prefix) for f in msgspec.structs.fields(cls))
 
 
-def _option(field: msgspec.structs.FieldInfo) -> Option:
+def _option(field: msgspec.structs.FieldInfo, prefix: str) -> Option:
     annotation = field.type
     setting = next((m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, Setting)),
                    None)
@@ -121,7 +131,7 @@ def _option(field: msgspec.structs.FieldInfo) -> Option:
     base = get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
     kind, choices = _kind(base, field.name)
     flag = setting.flag or "--" + field.name.replace("_", "-")
-    return Option(field.name, kind, default, setting, flag, env_var(flag), choices)
+    return Option(field.name, kind, default, setting, flag, env_var(flag, prefix), choices)
 
 
 def _kind(base: Any, name: str) -> tuple[Any, tuple[str, ...]]:

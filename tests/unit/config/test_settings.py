@@ -176,7 +176,7 @@ def test_flag_default_and_a_parsed_value(flag: str, default: Any, text: str, val
     assert getattr(SchedulerSettings(), name) == default
     assert getattr(load(flag, text), name) == value
     assert getattr(load(f"{flag}={text}"), name) == value
-    assert getattr(load(env={env_var(flag): text}), name) == value
+    assert getattr(load(env={OPTIONS[flag].env: text}), name) == value
 
 
 def help_words() -> str:
@@ -191,12 +191,14 @@ def test_every_seed_group_is_a_help_section_in_the_guides_order() -> None:
         (opt.setting.group for opt in OPTIONS.values()), key=GROUPS.index)
     for flag in OPTIONS:
         assert flag in help_text
-    assert "[default: 500; env PRESCIENT_CMS_PULL_STATUS_INTERVAL_MS]" in help_text
+    assert "[default: 500; env PRESCIENT_SCHEDULER_CMS_PULL_STATUS_INTERVAL_MS]" in help_text
 
 
 def test_env_var_names() -> None:
     assert env_var("--cms-pull-status-interval-ms") == "PRESCIENT_CMS_PULL_STATUS_INTERVAL_MS"
-    assert OPTIONS["--port"].env == "PRESCIENT_PORT"
+    assert OPTIONS["--cms-pull-status-interval-ms"].env == (
+        "PRESCIENT_SCHEDULER_CMS_PULL_STATUS_INTERVAL_MS")
+    assert OPTIONS["--port"].env == "PRESCIENT_SCHEDULER_PORT"
 
 
 # --- booleans and lists ---------------------------------------------------------------------------
@@ -272,7 +274,7 @@ def test_config_file_accepts_text_values_and_empty_files(tmp_path: Path) -> None
 
 def test_precedence_defaults_file_env_flags_extra_args(tmp_path: Path) -> None:
     path = str(write(tmp_path, "s.yaml", "dispatch_top_k: 2\nport: 9002\n"))
-    env = {"PRESCIENT_DISPATCH_TOP_K": "3", "PRESCIENT_HOST": "10.0.0.9"}
+    env = {"PRESCIENT_SCHEDULER_DISPATCH_TOP_K": "3", "PRESCIENT_SCHEDULER_HOST": "10.0.0.9"}
     assert load().dispatch_top_k == 1
     assert load("--config", path).dispatch_top_k == 2
     s = load("--config", path, env=env)
@@ -374,13 +376,13 @@ def test_command_line_errors_name_the_flag(argv: list[str], message: str) -> Non
 
 
 @pytest.mark.parametrize(("env", "message"), [
-    ({"PRESCIENT_DISPATCH_TOP_K": "x"},
-     "environment variable PRESCIENT_DISPATCH_TOP_K: expected an integer >= 1, got 'x'"),
-    ({"PRESCIENT_FAILOVER_DOMAIN": "rack"},
-     "environment variable PRESCIENT_FAILOVER_DOMAIN: expected one of instance, node, "
+    ({"PRESCIENT_SCHEDULER_DISPATCH_TOP_K": "x"},
+     "environment variable PRESCIENT_SCHEDULER_DISPATCH_TOP_K: expected an integer >= 1, got 'x'"),
+    ({"PRESCIENT_SCHEDULER_FAILOVER_DOMAIN": "rack"},
+     "environment variable PRESCIENT_SCHEDULER_FAILOVER_DOMAIN: expected one of instance, node, "
      "instance-unit, node-unit, got 'rack'"),
-    ({"PRESCIENT_ENABLE_ADAPTIVE_PD": ""},
-     "environment variable PRESCIENT_ENABLE_ADAPTIVE_PD: expected true or false, got ''"),
+    ({"PRESCIENT_SCHEDULER_ENABLE_ADAPTIVE_PD": ""},
+     "environment variable PRESCIENT_SCHEDULER_ENABLE_ADAPTIVE_PD: expected true or false, got ''"),
 ])
 def test_environment_errors_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -389,8 +391,8 @@ def test_environment_errors_name_the_variable(env: dict[str, str], message: str)
 
 
 def test_a_bad_lower_layer_is_an_error_even_when_overridden() -> None:
-    with pytest.raises(ConfigError, match="PRESCIENT_DISPATCH_TOP_K"):
-        load("--dispatch-top-k", "2", env={"PRESCIENT_DISPATCH_TOP_K": "x"})
+    with pytest.raises(ConfigError, match="PRESCIENT_SCHEDULER_DISPATCH_TOP_K"):
+        load("--dispatch-top-k", "2", env={"PRESCIENT_SCHEDULER_DISPATCH_TOP_K": "x"})
 
 
 @pytest.mark.parametrize(("name", "text", "message"), [
