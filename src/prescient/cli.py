@@ -2,39 +2,36 @@
 
 `prescient simulate` with no arguments compares every baseline on the bundled Azure
 conversation trace; a scenario file (`--scenario`) fixes an experiment, and flags override it.
-`prescient scheduler` resolves the scheduler service's settings (flags, `PRESCIENT_SCHEDULER_*` environment
-variables, `--config` file); `--print-config` shows them. `prescient profile` measures a simulated
-engine's TTFT/TPOT profiles for SLO-aware scheduling. This module is the only reader of
-`os.environ`. Bad input exits with status 2 and one line naming the flag, key, or file line at
-fault.
+`prescient profile` measures a simulated engine's TTFT/TPOT profiles for SLO-aware scheduling.
+The live services (`scheduler`, `discovery-agent`, ...) live in their own packages, each with a
+`cli` module (`add_parser`, `run`) registered in `SERVICES`. This module and the services' `run`
+(handed `os.environ`) are the only readers of the environment. Bad input exits with status 2 and
+one line naming the flag, key, or file line at fault.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from prescient import __version__, profiling
 from prescient.config.presets import get_preset, preset_names
 from prescient.config.scheduler import (
-    DESCRIPTION,
-    SchedulerSettings,
     load_scheduler_settings,
     scheduler_parser,
 )
-from prescient.config.settings import new_parser, redacted_builtins, settings_from_namespace
+from prescient.config.settings import new_parser
 from prescient.errors import ConfigError, PrescientError
 from prescient.predict.output_length import make_output_predictor
 from prescient.sim import experiment
@@ -89,23 +86,24 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--list-presets", action="store_true", help="list engine presets and exit")
 
 
+# Live services: each module has `add_parser(sub)` and `run(args, env) -> int`.
+SERVICES = ("prescient.gateway.cli", "prescient.scheduler.cli", "prescient.simengine.cli",
+            "prescient.discovery.cli")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prescient", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"prescient {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
-    _scheduler_parser(sub)
     _profile_parser(sub)
+    for name in SERVICES:
+        module = importlib.import_module(name)
+        before = set(sub.choices)
+        module.add_parser(sub)
+        for command in set(sub.choices) - before:
+            sub.choices[command].set_defaults(service_run=module.run)
     return parser
-
-
-def _scheduler_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("scheduler", help="the scheduler service (for now: its settings)",
-                       description=DESCRIPTION, usage="prescient scheduler [options]",
-                       allow_abbrev=False)
-    p.add_argument("--print-config", action="store_true",
-                   help="print the effective settings as YAML (sorted keys) and exit")
-    scheduler_parser(p)
 
 
 def _profile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -307,20 +305,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_scheduler(args: argparse.Namespace) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        settings = settings_from_namespace(SchedulerSettings, args, os.environ)
-    for warning in caught:
-        print(f"prescient: warning: {warning.message}", file=sys.stderr)
-    if args.print_config:
-        sys.stdout.write(yaml.safe_dump(redacted_builtins(settings), sort_keys=True))
-        return 0
-    print("prescient: the scheduler service is not available yet in this version "
-          "(--print-config shows the resolved settings)", file=sys.stderr)
-    return 2
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     max_batched = args.max_num_batched_tokens
@@ -348,7 +332,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"simulate": cmd_simulate, "scheduler": cmd_scheduler, "profile": cmd_profile}
+_COMMANDS = {"simulate": cmd_simulate, "profile": cmd_profile}
 
 
 def _print_report(console: Console, scenario: Scenario, requests: Sequence[object],
@@ -374,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.scheduler_flags = extra
     try:
+        service_run = getattr(args, "service_run", None)
+        if service_run is not None:
+            return int(service_run(args, os.environ))
         return _COMMANDS[args.command](args)
     except PrescientError as e:
         print(f"prescient: error: {e}", file=sys.stderr)

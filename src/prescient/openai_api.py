@@ -14,7 +14,9 @@ import msgspec
 
 from prescient.errors import PrescientError
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+# One array type only: msgspec allows a single array-like member in a union. A prompt is text,
+# token ids, or a batch of either; `decode_request` refuses lists that mix the kinds.
+Prompt = str | list[str | int | list[int]]
 
 
 class ApiError(PrescientError):
@@ -108,6 +110,11 @@ def decode_request(body: bytes, kind: Literal["completion", "chat"]
         raise ApiError(400, "messages must not be empty", param="messages")
     if isinstance(request, CompletionRequest) and request.prompt in ("", []):
         raise ApiError(400, "prompt must not be empty", param="prompt")
+    if isinstance(request, CompletionRequest) and isinstance(request.prompt, list):
+        kinds = {type(p) for p in request.prompt}
+        if len(kinds) > 1:
+            raise ApiError(400, "prompt must be a string, a list of token ids, or a list of "
+                                "strings or of token-id lists, not a mix", param="prompt")
     return request
 
 

@@ -23,7 +23,8 @@ def test_scheduler_flag_reference_is_up_to_date() -> None:
 
 
 def test_check_mode_fails_on_a_stale_reference_and_changes_nothing(tmp_path: Path) -> None:
-    stale = DOC.read_text().replace("`PRESCIENT_SCHEDULER_DISPATCH_TOP_K`", "`PRESCIENT_SCHEDULER_TOP_K`")
+    stale = DOC.read_text().replace("`PRESCIENT_SCHEDULER_DISPATCH_TOP_K`",
+                                    "`PRESCIENT_SCHEDULER_TOP_K`")
     copy = tmp_path / "configuration.md"
     copy.write_text(stale)
     result = run_generator("--check", "--doc", str(copy))

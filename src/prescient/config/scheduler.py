@@ -4,9 +4,9 @@ Flag names and defaults are the seed scheduler configuration guide's. Where only
 gives a default (`cmd/config/config.go`), that one is used. Where the guide and the code disagree,
 the guide wins and `DEFAULT_CHOICES` records both values and why; the docs render that table.
 
-The flag, env var (``PRESCIENT_SCHEDULER_<FLAG>``), config-file key (the field name) and ``--help`` text of
-each field are derived by `prescient.config.settings`. Units are in the flag names (``_ms``,
-``_s``, ``_seconds``) or the help text. The groups follow the guide's order.
+The flag, env var (``PRESCIENT_SCHEDULER_<FLAG>``), config-file key (the field name) and
+``--help`` text of each field are derived by `prescient.config.settings`. Units are in the flag
+names (``_ms``, ``_s``, ``_seconds``) or the help text. The groups follow the guide's order.
 """
 
 from __future__ import annotations
@@ -301,8 +301,8 @@ DEFAULT_CHOICES = (
 
 DESCRIPTION = ("The scheduler service's settings (Llumnix scheduler flags). Each flag can also "
                "come from a --config file (key: the flag with '_' for '-') or an environment "
-               "variable PRESCIENT_SCHEDULER_<FLAG>. Precedence: defaults < --config < environment < "
-               "flags < --extra-args.")
+               "variable PRESCIENT_SCHEDULER_<FLAG>. Precedence: defaults < --config < "
+               "environment < flags < --extra-args.")
 
 
 def scheduler_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ pending token. A driver owns time:
     end = engine.start_step(now)     # plan the next step(s); None when there is nothing to do
     outcome = engine.complete_step() # at `end`: commit, get finished requests
     engine.interrupt(now)            # new input arrived: cut a run of decode steps short
+    engine.abort(request_id, now)    # between steps: drop a request (client went away)
 
 Runs of identical decode-only steps are skipped in closed form. A decoding request is not updated
 per step: it is anchored at the step `g0` where it started decoding with `out0` tokens, so at
@@ -81,6 +82,7 @@ class SimEngine:
         self._num_updates = 0  # status updates produced
         self._waiting: deque[EngineRequest] = deque()
         self._running: dict[str, EngineRequest] = {}  # admission order
+        self._live: dict[str, EngineRequest] = {}  # every waiting or running request, by id
         self._prefilling: list[EngineRequest] = []  # running, still computing their tokens
         self._dec_count = 0
         self._dec_a_sum = 0
@@ -113,12 +115,15 @@ class SimEngine:
     def add_request(self, request: Request, now: float) -> str:
         """Queue a request. Returns "" or why it was refused (it could never run here)."""
         total = request.prompt_len + request.output_len
+        if request.request_id in self._live:
+            return f"request id {request.request_id!r} is already queued or running"
         if total > self.config.max_model_len:
             return f"prompt + output ({total} tokens) exceed max_model_len"
         if -(-total // self._bs) > self.config.num_gpu_blocks - self._watermark_blocks:
             return f"prompt + output ({total} tokens) exceed the KV cache capacity"
         req = EngineRequest(request, now, self._coverage_blocks(request))
         self._waiting.append(req)
+        self._live[request.request_id] = req
         self._seen.append((self._num_added, now, request.request_id))
         self._num_added += 1
         return ""
@@ -166,6 +171,44 @@ class SimEngine:
         if not self.has_work:
             self._num_updates += 1  # the idle status
         return StepOutcome(end, plan.n, tuple(finished))
+
+    def abort(self, request_id: str, now: float) -> bool:
+        """Drop a waiting or running request at `now`, as vLLM does when its client goes away.
+
+        Only between steps: a step in flight has planned work for the request, and cutting it
+        out of the plan would make the step's time and KV allocation wrong. A live driver queues
+        aborts and applies them after `complete_step`. The request's blocks go back to the pool
+        (full blocks stay in the prefix cache, as vLLM's freed blocks do) and its decode anchor
+        leaves the aggregates exactly as a preemption would. Returns False for an unknown id.
+        """
+        if self._plan is not None:
+            raise RuntimeError(f"{self.instance_id}: abort with a step in flight")
+        req = self._live.pop(request_id, None)
+        if req is None:
+            return False
+        if request_id in self._running:
+            if req.g0 >= 0:
+                self._leave_decode(req, self._step)
+            else:
+                self._prefilling.remove(req)
+            del self._running[request_id]
+            self._release(req)
+        else:
+            self._waiting.remove(req)
+        req.finish_time = now
+        if not self.has_work:
+            self._num_updates += 1  # the idle status
+        return True
+
+    def num_output_tokens(self, request_id: str) -> int:
+        """Tokens sampled so far by a waiting or running request (KeyError if neither).
+
+        Between steps this is exact; with a step in flight it is the count before that step.
+        """
+        req = self._live[request_id]
+        if req.g0 >= 0:
+            return req.num_output + self._step - req.g0
+        return req.num_output
 
     def snapshot(self, now: float, timestamp_ms: int) -> InstanceStatus:
         """The status the engine last produced at or before `now` (after scheduling, or idle)."""
@@ -369,6 +412,7 @@ class SimEngine:
 
     def _finish(self, req: EngineRequest, end: float, finished: list[EngineRequest]) -> None:
         del self._running[req.request_id]
+        del self._live[req.request_id]
         self._release(req)
         req.finish_time = end
         finished.append(req)

@@ -1,0 +1,233 @@
+"""The scheduler's HTTP service: upstream Llumnix's `/schedule`, `/release` and `/report`.
+
+A thin aiohttp.web layer over a `SchedulerCore`; several gateways may share one service (the
+only shared state is the core's account). Status codes follow upstream, because the gateway's
+behaviour hangs on them:
+
+- `POST /schedule`: 200 with the request echoed and `scheduling_result` filled; 429 when no
+  instance is available (the gateway waits and retries); 400 for a bad body and for "cms not
+  available" (any non-429 failure makes the gateway fall back to its local round-robin).
+- `POST /release` (one `ScheduleRequest`), `POST /report` (a list of `ReportItem`): 200 `{}`.
+- `GET /health`: 200 when the core is ready (started; full mode: the CMS answered), else 503.
+- `GET /metrics`: Prometheus text from the service's own registry.
+
+With a service token, every route but `/health` and `/metrics` (probes and scrapers carry no
+token) needs `Authorization: <token>` or `Authorization: Bearer <token>`, else 401. Errors are
+OpenAI-style JSON, `{"error": {...}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from prescient.config.scheduler import SchedulerSettings
+from prescient.errors import ConfigError
+from prescient.openai_api import error_body
+from prescient.scheduler.core import InvalidScheduleRequestError, SchedulerCore
+from prescient.scheduler.wire import (
+    NoInstanceAvailableError,
+    ReportItem,
+    ScheduleRequest,
+    SchedulerUnavailableError,
+)
+
+_log = logging.getLogger(__name__)
+
+_SCHEDULE_DECODER = msgspec.json.Decoder(ScheduleRequest)
+_REPORT_DECODER = msgspec.json.Decoder(list[ReportItem])
+_ENCODER = msgspec.json.Encoder()
+_EMPTY = b"{}"
+_OPEN_PATHS = frozenset({"/health", "/metrics"})
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a 1M-token prompt_token_ids list fits
+_LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error") -> web.Response:
+    return _json(error_body(status, message, type=type), status)
+
+
+class _Metrics:
+    """The service's Prometheus series, in a registry of its own (one per app)."""
+
+    def __init__(self, core: SchedulerCore) -> None:
+        self.registry = CollectorRegistry()
+        self.schedules = Counter(
+            "prescient_scheduler_schedule", "Schedule calls by outcome.", ["outcome"],
+            registry=self.registry)
+        for outcome in ("ok", "no_instance", "unavailable", "bad_request"):
+            self.schedules.labels(outcome)
+        self.latency = Histogram(
+            "prescient_scheduler_schedule_latency_seconds",
+            "Time to decode, decide and encode one /schedule, seconds.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.releases = Counter("prescient_scheduler_release", "Release calls.",
+                                registry=self.registry)
+        self.reports = Counter("prescient_scheduler_report_items", "Report items received.",
+                               registry=self.registry)
+        Gauge("prescient_scheduler_instances", "Instances the scheduler knows.",
+              registry=self.registry).set_function(lambda: len(core.instances()))
+        Gauge("prescient_scheduler_cms_available",
+              "1 while the CMS answers its polls (always 1 in lite mode).",
+              registry=self.registry).set_function(lambda: float(core.cms_available))
+
+
+class SchedulerService:
+    """The routes of one scheduler service over `core`."""
+
+    def __init__(self, core: SchedulerCore, *, service_token: str = "",
+                 perf_clock: Callable[[], float] = time.perf_counter) -> None:
+        self.core = core
+        self._token = service_token.encode()
+        self._bearer = b"Bearer " + self._token
+        self._perf_clock = perf_clock
+        self.metrics = _Metrics(core)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES,
+                              middlewares=[self._errors, self._auth])
+        app.router.add_post("/schedule", self.schedule)
+        app.router.add_post("/release", self.release)
+        app.router.add_post("/report", self.report)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
+        return app
+
+    # ---- middlewares -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Unknown routes and bugs answer JSON too, never an HTML page or a traceback."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return _error(e.status, e.reason)
+        except Exception:
+            _log.exception("%s %s failed", request.method, request.path)
+            return _error(500, "internal scheduler error", "internal_error")
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._token and request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not (hmac.compare_digest(given, self._token)
+                    or hmac.compare_digest(given, self._bearer)):
+                return _error(401, "missing or wrong service token in the Authorization header",
+                              "authentication_error")
+        return await handler(request)
+
+    # ---- routes ------------------------------------------------------------------------------
+
+    async def schedule(self, request: web.Request) -> web.Response:
+        started = self._perf_clock()
+        response, outcome = await self._schedule(await request.read())
+        self.metrics.schedules.labels(outcome).inc()
+        self.metrics.latency.observe(self._perf_clock() - started)
+        return response
+
+    async def _schedule(self, body: bytes) -> tuple[web.Response, str]:
+        try:
+            job = _SCHEDULE_DECODER.decode(body)
+            job.scheduling_result = await self.core.schedule(job)
+        except msgspec.DecodeError as e:
+            return _error(400, f"invalid /schedule body: {e}"), "bad_request"
+        except InvalidScheduleRequestError as e:
+            return _error(400, str(e)), "bad_request"
+        except NoInstanceAvailableError as e:
+            return _error(429, str(e), "no_instance_available"), "no_instance"
+        except SchedulerUnavailableError as e:
+            return _error(400, str(e), "scheduler_unavailable"), "unavailable"
+        return _json(_ENCODER.encode(job)), "ok"
+
+    async def release(self, request: web.Request) -> web.Response:
+        try:
+            job = _SCHEDULE_DECODER.decode(await request.read())
+        except msgspec.DecodeError as e:
+            return _error(400, f"invalid /release body: {e}")
+        await self.core.release(job)
+        self.metrics.releases.inc()
+        return _json(_EMPTY)
+
+    async def report(self, request: web.Request) -> web.Response:
+        try:
+            items = _REPORT_DECODER.decode(await request.read())
+        except msgspec.DecodeError as e:
+            return _error(400, f"invalid /report body: {e}")
+        await self.core.report(items)
+        self.metrics.reports.inc(len(items))
+        return _json(_EMPTY)
+
+    async def health(self, request: web.Request) -> web.Response:
+        ready = self.core.ready
+        body = {"status": "ok" if ready else "unavailable",
+                "mode": "full" if self.core.full_mode else "lite",
+                "cms_available": self.core.cms_available,
+                "instances": len(self.core.instances())}
+        return _json(_ENCODER.encode(body), 200 if ready else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(core: SchedulerCore, *, service_token: str = "") -> web.Application:
+    """The service's aiohttp application over a started (or soon started) core."""
+    return SchedulerService(core, service_token=service_token).app()
+
+
+async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
+    """Start the core, listen on `--host:--port` until `stop` is set, then shut down cleanly.
+
+    Raises:
+        ConfigError: a bad setting, or the port cannot be bound.
+    """
+    core = SchedulerCore(settings)
+    runner: web.AppRunner | None = None
+    try:
+        await core.start()
+        runner = web.AppRunner(build_app(core, service_token=settings.service_token),
+                               access_log=None, handle_signals=False)
+        await runner.setup()
+        await _listen(runner, settings.host, settings.port)
+        mode = "full" if core.full_mode else "lite"
+        _log.info("scheduler listening on %s:%d (%s mode, policy %s, %d instances)",
+                  settings.host, settings.port, mode, settings.scheduling_policy,
+                  len(core.instances()))
+        await stop.wait()
+        _log.info("scheduler shutting down")
+    finally:
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        await core.close()
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: "
+                          f"{e.strerror or e}") from None
