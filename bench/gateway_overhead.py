@@ -124,7 +124,7 @@ class Ctx:
     backends: list[int]
     ports: dict[str, int]
     peers: dict[str, Path | str]  # peer -> its venv bin dir, or why it is missing
-    gateway: list[str] | str  # argv prefix of `prescient gateway`, or why it is missing
+    gateway: list[str]  # argv prefix of `prescient gateway`
     versions: dict[str, str]
     start_timeout: float
 
@@ -169,8 +169,6 @@ def start_sglang_router(ctx: Ctx) -> Started:
 
 
 def _gateway_argv(ctx: Ctx, port: int) -> list[str]:
-    if isinstance(ctx.gateway, str):
-        raise Skip(ctx.gateway)
     return [*ctx.gateway, "--host", "127.0.0.1", "--port", str(port)]
 
 
@@ -274,18 +272,7 @@ def peer_version(bindir: Path, peer: str) -> str:
     return out.stdout.strip() or "?"
 
 
-def find_gateway() -> list[str] | str:
-    """How to start `prescient gateway` here: `python -m prescient gateway` once the CLI lists
-    it, else through prescient.gateway.cli; or why it cannot be started yet."""
-    direct = [sys.executable, "-m", "prescient", "gateway"]
-    if subprocess.run([*direct, "--help"], capture_output=True, cwd=REPO).returncode == 0:
-        return direct
-    shim = [sys.executable, str(HERE / "prescient_gateway.py"), "gateway"]
-    probe = subprocess.run([*shim, "--help"], capture_output=True, text=True, cwd=REPO)
-    if probe.returncode == 0:
-        return shim
-    why = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-    return f"`prescient gateway` is not available yet ({why})"
+GATEWAY = [sys.executable, "-m", "prescient", "gateway"]
 
 
 # ---- measuring -------------------------------------------------------------------------------
@@ -475,12 +462,10 @@ def main() -> int:
     wanted = {n.rsplit("-", 1)[0] for n in names if n.endswith("-router-1c")}
     peers = ensure_peers(args.peers_venv, wanted, not args.no_install)
     versions = {p: peer_version(b, p) for p, b in peers.items() if isinstance(b, Path)}
-    gateway = (find_gateway() if any(n.startswith("prescient") for n in names)
-               else "not requested")
     children = Children(log_dir)
     ctx = Ctx(children, [free_port(), free_port()],
               {n: free_port() for n in names if n != "direct"}, peers,
-              gateway, versions, args.start_timeout)
+              GATEWAY, versions, args.start_timeout)
     out = Outcome()
     print(report.preamble(plan, names, versions, log_dir, quick=args.quick), flush=True)
     try:

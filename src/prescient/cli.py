@@ -351,7 +351,8 @@ def _print_report(console: Console, scenario: Scenario, requests: Sequence[objec
     console.print(f"simulated {results[0].sim_time_s:.0f} s; speed vs real time: {speed}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """`prescient ...`; `env` (default `os.environ`) is what the live services read."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "simulate":
@@ -360,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         service_run = getattr(args, "service_run", None)
         if service_run is not None:
-            return int(service_run(args, os.environ))
+            return int(service_run(args, os.environ if env is None else env))
         return _COMMANDS[args.command](args)
     except PrescientError as e:
         print(f"prescient: error: {e}", file=sys.stderr)

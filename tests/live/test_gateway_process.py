@@ -124,7 +124,7 @@ def test_a_port_in_use_is_a_config_error_naming_the_flag() -> None:
             ["--host", "127.0.0.1", "--port", str(port), "--scheduling-policy", "round-robin",
              "--llm-backend-endpoints", "127.0.0.1:1"], {})
         with pytest.raises(ConfigError, match="--port"):
-            await serve_until_signalled(settings)
+            await serve_until_signalled(settings, asyncio.Event())
         blocker.close()
 
     asyncio.run(main())

@@ -1,7 +1,7 @@
-"""`python -m prescient.discovery`: the discovery agent on its own (`prescient discovery-agent`)."""
+"""`python -m prescient.discovery [flags]`: `prescient discovery-agent` on its own."""
 
 import sys
 
-from prescient.discovery.cli import main
+from prescient.cli import main
 
-sys.exit(main())
+sys.exit(main(["discovery-agent", *sys.argv[1:]]))

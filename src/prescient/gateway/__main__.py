@@ -1,7 +1,7 @@
-"""`python -m prescient.gateway [flags]`: the gateway without the umbrella CLI."""
+"""`python -m prescient.gateway [flags]`: `prescient gateway` on its own."""
 
 import sys
 
-from prescient.gateway.cli import main
+from prescient.cli import main
 
-sys.exit(main())
+sys.exit(main(["gateway", *sys.argv[1:]]))

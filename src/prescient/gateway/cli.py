@@ -11,18 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
-import sys
 import time
-import warnings
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
+from prescient import service
 from prescient.config.gateway import DESCRIPTION, GatewaySettings, gateway_parser
-from prescient.config.settings import redacted_builtins, settings_from_namespace
-from prescient.errors import ConfigError, PrescientError
+from prescient.errors import ConfigError
 
 log = logging.getLogger("prescient.gateway")
 
@@ -31,12 +26,10 @@ SHUTDOWN_GRACE_S = 30.0  # streams still running after this are cut
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `gateway` (every `GatewaySettings` flag plus `--print-config`) to `sub`."""
-    p = sub.add_parser("gateway", help="the OpenAI-compatible gateway (/v1/completions, "
-                       "/v1/chat/completions)", description=DESCRIPTION,
-                       usage="prescient gateway [options]", allow_abbrev=False)
-    p.add_argument("--print-config", action="store_true",
-                   help="print the effective settings as YAML (sorted keys) and exit")
-    gateway_parser(p)
+    service.add_service_parser(
+        sub, "gateway",
+        help="the OpenAI-compatible gateway (/v1/completions, /v1/chat/completions)",
+        description=DESCRIPTION, usage="prescient gateway [options]", add_flags=gateway_parser)
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -45,29 +38,17 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     Raises:
         ConfigError: a bad flag, env var or config key (named), or an unusable port.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        settings = settings_from_namespace(GatewaySettings, args, env)
-    for warning in caught:
-        print(f"prescient: warning: {warning.message}", file=sys.stderr)
-    if getattr(args, "print_config", False):
-        sys.stdout.write(yaml.safe_dump(redacted_builtins(settings), sort_keys=True))
-        return 0
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _run_loop(serve_until_signalled(settings))
+    settings = service.resolve_settings(GatewaySettings, args, env)
+    if settings is not None:
+        service.run_until_signalled(lambda stop: serve_until_signalled(settings, stop))
     return 0
 
 
-async def serve_until_signalled(settings: GatewaySettings) -> None:
-    """Build, start and serve the gateway until SIGTERM/SIGINT, then shut down cleanly."""
+async def serve_until_signalled(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Build, start and serve the gateway until `stop` is set, then shut down cleanly."""
     from prescient.gateway.wiring import build_gateway
 
     gateway = build_gateway(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await gateway.start()
         try:
@@ -103,26 +84,3 @@ def _describe(settings: GatewaySettings) -> str:
     mode = "full" if settings.enable_full_mode_scheduling else "lite"
     return (f"{scheduler}, {settings.scheduling_policy}, {mode} mode, discovery "
             f"{settings.discovery_kind}")
-
-
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # not on Windows
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
-def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
-    """`python -m prescient.gateway [flags]`: the subcommand on its own."""
-    import os
-
-    parser = argparse.ArgumentParser(prog="prescient")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["gateway", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run(args, os.environ if env is None else env)
-    except PrescientError as e:
-        print(f"prescient: error: {e}", file=sys.stderr)
-        return 2

@@ -1,7 +1,7 @@
-"""`python -m prescient.scheduler [flags]`: the scheduler service without the umbrella CLI."""
+"""`python -m prescient.scheduler [flags]`: `prescient scheduler` on its own."""
 
 import sys
 
-from prescient.scheduler.cli import main
+from prescient.cli import main
 
-sys.exit(main())
+sys.exit(main(["scheduler", *sys.argv[1:]]))

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from aiohttp import web
 
-from prescient.config.settings import settings_from_namespace
+from prescient import service
 from prescient.config.sim_engine import DESCRIPTION, SimEngineSettings, sim_engine_parser
 from prescient.simengine.server import build_app, start_server
 
@@ -24,33 +23,28 @@ logger = logging.getLogger("prescient.simengine")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `sim-engine` subcommand and its flags."""
-    parser = sub.add_parser(
-        "sim-engine", help="a simulated vLLM instance in real time behind vLLM's OpenAI API",
-        description=DESCRIPTION, usage="prescient sim-engine [options]", allow_abbrev=False)
-    sim_engine_parser(parser)
+    service.add_service_parser(
+        sub, "sim-engine", help="a simulated vLLM instance in real time behind vLLM's OpenAI API",
+        description=DESCRIPTION, usage="prescient sim-engine [options]",
+        add_flags=sim_engine_parser)
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status.
+    """Serve until SIGTERM/SIGINT (or print the settings); returns the exit status.
 
     Raises:
         ConfigError: a flag, env var or config-file value is wrong (the caller prints it).
     """
-    settings = settings_from_namespace(SimEngineSettings, args, env)
+    settings = service.resolve_settings(SimEngineSettings, args, env)
+    if settings is None:
+        return 0
     app = build_app(settings)  # bad preset, tokenizer or limits fail here, before binding
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                                                   "%(message)s")
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(settings, app))
+    service.run_until_signalled(lambda stop: _serve(settings, app, stop))
     return 0
 
 
-async def _serve(settings: SimEngineSettings, app: web.Application) -> None:
+async def _serve(settings: SimEngineSettings, app: web.Application, stop: asyncio.Event) -> None:
     runner = await start_server(settings, app=app)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     logger.info("sim-engine %s (%s, model %s) listening on %s:%d, time scale %g",
                 settings.resolved_instance_id, settings.preset, settings.model, settings.host,
                 settings.port, settings.time_scale)
@@ -59,11 +53,3 @@ async def _serve(settings: SimEngineSettings, app: web.Application) -> None:
     finally:
         logger.info("sim-engine %s shutting down", settings.resolved_instance_id)
         await runner.cleanup()
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:  # not on Windows
-        return None
-    return uvloop.new_event_loop

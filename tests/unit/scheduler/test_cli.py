@@ -5,9 +5,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from prescient.cli import main as prescient_main
 from prescient.config.scheduler import SchedulerSettings
 from prescient.config.settings import describe
-from prescient.scheduler.cli import main
+
+
+def main(argv: list[str], env: dict[str, str]) -> int:
+    return prescient_main(["scheduler", *argv], env)
 
 
 def test_print_config_resolves_flags_env_and_redacts_secrets(
