@@ -102,11 +102,12 @@ class _Entry:
 class _InstanceAccount:
     """Entries of one instance plus the running sums of its counted entries."""
 
-    __slots__ = ("decode_tokens", "entries", "num_decode", "num_prefill", "num_requests",
-                 "prefill_uncomputed_tokens")
+    __slots__ = ("decode_tokens", "entries", "found", "num_decode", "num_prefill",
+                 "num_requests", "prefill_uncomputed_tokens")
 
     def __init__(self) -> None:
-        self.entries: dict[str, _Entry] = {}
+        self.entries: dict[str, _Entry] = {}  # in dispatch order, so oldest first
+        self.found: set[str] = set()  # ids of the entries the CMS has shown
         self.num_prefill = 0
         self.num_decode = 0
         self.num_requests = 0
@@ -230,15 +231,25 @@ class LocalAccount:
         account = self._accounts.get(instance_id)
         if account is None:
             return
-        recent = {normalize_request_id(rid) for rid in recent_waiting}
+        entries = account.entries
         still_waiting = {normalize_request_id(rid) for rid in waiting}
-        for request_id, entry in list(account.entries.items()):
-            if not entry.found_in_cms and request_id in recent:
+        # Cost follows the status (its id lists) and the expiring entries, not the account:
+        # at thousands of requests/s an account holds tens of thousands of entries.
+        for request_id in {normalize_request_id(rid) for rid in recent_waiting}:
+            entry = entries.get(request_id)
+            if entry is not None and not entry.found_in_cms:
                 account.uncount(entry)
-            if request_id in still_waiting:
-                continue
-            if entry.found_in_cms or now - entry.scheduled_at >= self.staleness_s:
-                self._delete(account, request_id, instance_id)
+                account.found.add(request_id)
+        for request_id in [rid for rid in account.found if rid not in still_waiting]:
+            self._delete(account, request_id, instance_id)
+        expired = []
+        for request_id, entry in entries.items():
+            if now - entry.scheduled_at < self.staleness_s:
+                break  # dispatch order: every later entry is younger
+            if not entry.found_in_cms and request_id not in still_waiting:
+                expired.append(request_id)
+        for request_id in expired:
+            self._delete(account, request_id, instance_id)
 
     def release(self, request_id: str) -> list[str]:
         """Remove the request from every instance; returns the instance ids touched, sorted."""
@@ -262,8 +273,9 @@ class LocalAccount:
         account = self._accounts.get(instance_id)
         if account is None:
             return 0
+        entries = account.entries
         ids = {normalize_request_id(rid) for rid in waiting}
-        return sum(e.num_uncomputed_tokens for rid, e in account.entries.items() if rid in ids)
+        return sum(entries[rid].num_uncomputed_tokens for rid in ids if rid in entries)
 
     def drop_instance(self, instance_id: str) -> None:
         """Forget an instance that left the CMS, with all its entries."""
@@ -274,6 +286,7 @@ class LocalAccount:
     def _delete(self, account: _InstanceAccount, request_id: str, instance_id: str) -> None:
         """Uncount (if still counted) and remove one entry, keeping the reverse index in step."""
         account.uncount(account.entries.pop(request_id))
+        account.found.discard(request_id)
         self._unindex(request_id, instance_id)
 
     def _unindex(self, request_id: str, instance_id: str) -> None:
