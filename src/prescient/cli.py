@@ -88,7 +88,7 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 # Live services: each module has `add_parser(sub)` and `run(args, env) -> int`.
 SERVICES = ("prescient.gateway.cli", "prescient.scheduler.cli", "prescient.simengine.cli",
-            "prescient.discovery.cli")
+            "prescient.discovery.cli", "prescient.serve", "prescient.llumlet.cli")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,10 +7,14 @@ hands the records to `CmsView`, which decides what wins:
 - metadata replaces the instance set; an instance whose metadata vanished loses its status;
 - a status whose key vanished (`None`) is deleted;
 - a status no newer than the cached one (`timestamp_ms`) is skipped;
-- a newer timestamp with no new `update_id` is a keepalive: only `timestamp_ms` and
+- a newer timestamp with the same `update_id` is a keepalive: only `timestamp_ms` and
   `schedulable` are copied (the llumlet re-sends the last engine status, possibly marked
   unschedulable when the engine stopped answering);
-- otherwise the status is replaced, and the caller reconciles the local account for it.
+- otherwise the status is replaced, and the caller reconciles the local account for it. That
+  includes a newer timestamp with a *lower* `update_id`: the engine or its llumlet restarted and
+  counts from 1 again (upstream treats it as a keepalive, so a restarted instance's load stays
+  frozen at its old figures until the new counter overtakes the old one); the profiling
+  high-water mark restarts with it.
 
 A replaced status of a prefill instance that carries a new profiling sample (`profiling_id`
 above the last seen one) yields a `ProfilingSample` for the TTFT predictor, drained with
@@ -115,10 +119,12 @@ class CmsView:
         cached = self._statuses.get(instance_id)
         if cached is not None and status.timestamp_ms <= cached.timestamp_ms:
             return False
-        if cached is not None and status.update_id <= cached.update_id:
+        if cached is not None and status.update_id == cached.update_id:
             self._statuses[instance_id] = msgspec.structs.replace(
                 cached, timestamp_ms=status.timestamp_ms, schedulable=status.schedulable)
             return False
+        if cached is not None and status.update_id < cached.update_id:
+            self._profiling_ids.pop(instance_id, None)  # a restart: its sample ids restart too
         self._statuses[instance_id] = msgspec.structs.replace(status)  # a copy we own
         return True
 

@@ -112,6 +112,7 @@ class Llumlet:
         self._metadata_due_at = 0.0
         self._metadata_dirty = True
         self._outage = False
+        self._engine_down = False  # the last pull failed: log once per engine outage
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -202,12 +203,22 @@ class Llumlet:
             return None
         for attempt in range(1, self.source_tries + 1):
             try:
-                return await asyncio.wait_for(self.source.get_status(), self.source_timeout_s)
+                status = await asyncio.wait_for(self.source.get_status(), self.source_timeout_s)
             except Exception as exc:  # any engine failure means "no status"
-                logger.warning("llumlet %s: engine status pull %d/%d failed: %s",
-                               self.instance_id, attempt, self.source_tries, exc)
+                if not self._engine_down:
+                    logger.warning("llumlet %s: engine status pull %d/%d failed: %s",
+                                   self.instance_id, attempt, self.source_tries, exc)
+            else:
+                if self._engine_down:
+                    self._engine_down = False
+                    logger.info("llumlet %s: the engine answers again", self.instance_id)
+                return status
             if attempt < self.source_tries:
                 await asyncio.sleep(self.source_backoff_s)
+        if not self._engine_down:
+            self._engine_down = True
+            logger.warning("llumlet %s: the engine does not answer; reporting it unschedulable "
+                           "until it does", self.instance_id)
         return None
 
     # ---- writes ------------------------------------------------------------------------------

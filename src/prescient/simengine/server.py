@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -52,6 +53,9 @@ from prescient.simengine.driver import FINISH_ABORT, RealtimeEngine, TokenStream
 from prescient.simengine.metrics import CONTENT_TYPE, EngineMetrics
 from prescient.simengine.responses import Detokenizer, Reply
 from prescient.tokenizer import ApproxTokenizer, HfTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from prescient.cms.store import CmsStore
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +97,18 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
 
 
 class SimEngineServer:
-    """The engine, its driver, tokenizer and metrics, and the HTTP handlers over them."""
+    """The engine, its driver, tokenizer and metrics, and the HTTP handlers over them.
+
+    `store` is the CMS the llumlet writes to (with `--enable-llumlet`) when the caller has one,
+    e.g. the in-memory store of `prescient serve`; the caller closes it. None: a `RedisStore`
+    from the `--cms-redis-*` flags, owned by the server.
+    """
 
     def __init__(self, settings: SimEngineSettings,
-                 tokenizer: ApproxTokenizer | HfTokenizer | None = None) -> None:
+                 tokenizer: ApproxTokenizer | HfTokenizer | None = None, *,
+                 store: CmsStore | None = None) -> None:
         self.settings = settings
+        self._store = store
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
             settings.tokenizer)
         self.engine = make_engine(settings)
@@ -119,9 +130,9 @@ class SimEngineServer:
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: run the engine (and the llumlet) while the app runs."""
         engine_task = asyncio.create_task(self.driver.run(), name="sim-engine")
-        store = llumlet_task = None
+        own_store = llumlet_task = None
         if self.settings.enable_llumlet:
-            store, llumlet_task = self._start_llumlet()
+            own_store, llumlet_task = self._start_llumlet()
         try:
             yield
         finally:
@@ -132,24 +143,29 @@ class SimEngineServer:
                     task.cancel()
                     # an engine failure was logged when it happened; shutdown goes on
                     await asyncio.gather(task, return_exceptions=True)
-            if store is not None:
-                await store.close()
+            if own_store is not None:
+                await own_store.close()
 
     def _start_llumlet(self) -> tuple[Any, asyncio.Task[None]]:
-        from prescient.cms.redis_store import RedisStore
+        """Start the llumlet; returns the store it made (to close), or None, and its task."""
         from prescient.llumlet.agent import Llumlet
         from prescient.llumlet.sources import SnapshotSource
 
         s = self.settings
-        store = RedisStore(s.cms_redis_host, s.cms_redis_port, db=s.cms_redis_db,
-                           username=s.cms_redis_username, password=s.cms_redis_password)
+        store, own_store = self._store, None
+        if store is None:
+            from prescient.cms.redis_store import RedisStore
+
+            store = own_store = RedisStore(
+                s.cms_redis_host, s.cms_redis_port, db=s.cms_redis_db,
+                username=s.cms_redis_username, password=s.cms_redis_password)
         self.llumlet = Llumlet(
             store, self.metadata(), source=SnapshotSource(self.driver.snapshot),
             push_interval_s=s.llumlet_status_push_interval_s,
             metadata_interval_s=s.llumlet_metadata_push_interval_s,
             ttl_s=s.cms_ttl_s or None, engine_timeout_s=s.llumlet_engine_timeout_s)
         self.llumlet.push(self.driver.snapshot())  # schedulable from the first write
-        return store, asyncio.create_task(self.llumlet.run(), name="llumlet")
+        return own_store, asyncio.create_task(self.llumlet.run(), name="llumlet")
 
     def metadata(self) -> InstanceMetadata:
         """This instance as the CMS registers it."""
@@ -409,13 +425,16 @@ SERVER_KEY = web.AppKey("sim_engine_server", SimEngineServer)
 
 
 def build_app(settings: SimEngineSettings,
-              tokenizer: ApproxTokenizer | HfTokenizer | None = None) -> web.Application:
+              tokenizer: ApproxTokenizer | HfTokenizer | None = None, *,
+              store: CmsStore | None = None) -> web.Application:
     """The aiohttp application; the engine (and llumlet) run while the app is started.
+
+    `store`: the CMS the llumlet writes to instead of Redis (see `SimEngineServer`).
 
     Raises:
         ConfigError: the preset, tokenizer or engine limits are wrong.
     """
-    server = SimEngineServer(settings, tokenizer)
+    server = SimEngineServer(settings, tokenizer, store=store)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors])
     app[SERVER_KEY] = server
     app.cleanup_ctx.append(server.lifespan)
@@ -431,12 +450,19 @@ def build_app(settings: SimEngineSettings,
 
 async def start_server(settings: SimEngineSettings,
                        tokenizer: ApproxTokenizer | HfTokenizer | None = None,
-                       app: web.Application | None = None) -> web.AppRunner:
-    """Build (unless given), start and bind the app on --host/--port; `await runner.cleanup()`
-    stops it. Handlers are cancelled when their client disconnects, which aborts requests."""
+                       app: web.Application | None = None, *,
+                       sock: socket.socket | None = None) -> web.AppRunner:
+    """Build (unless given), start and bind the app on --host/--port, or serve on `sock`, a
+    socket the caller bound already (one on port 0 whose port went into `settings.port`: no
+    race for a free port); `await runner.cleanup()` stops it. Handlers are cancelled when
+    their client disconnects, which aborts requests."""
     app = app if app is not None else build_app(settings, tokenizer)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048)
+    site: web.BaseSite
+    if sock is None:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=2048)
+    else:
+        site = web.SockSite(runner, sock, backlog=2048)
     await site.start()
     return runner

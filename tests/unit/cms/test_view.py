@@ -81,6 +81,20 @@ def test_same_update_id_copies_only_timestamp_and_schedulable() -> None:
     assert keepalive.num_running_requests == 0  # the caller's object is untouched
 
 
+def test_a_lower_update_id_with_a_newer_timestamp_is_a_restart_and_replaces() -> None:
+    view = view_with(meta("p", InferType.PREFILL))
+    view.apply_statuses({"p": status("p", 10, 900, num_running_requests=7, profiling_id=40,
+                                     num_scheduled_prefill_tokens=512, step_duration=30.0)},
+                        now=0.0)
+    assert len(view.take_profiling_samples()) == 1
+    restarted = status("p", 20, 1, num_running_requests=0, profiling_id=0,
+                       num_scheduled_prefill_tokens=256, step_duration=20.0)
+    assert view.apply_statuses({"p": restarted}, now=0.1) == ["p"]
+    cached = view.status("p")
+    assert cached is not None and (cached.num_running_requests, cached.update_id) == (0, 1)
+    assert [s.num_scheduled_prefill_tokens for s in view.take_profiling_samples()] == [256]
+
+
 def test_none_status_deletes_the_cached_one() -> None:
     view = view_with(meta("a"))
     view.apply_statuses({"a": status("a", 10, 1)}, now=0.0)
