@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,7 +116,12 @@ def test_the_cli_serves_and_shuts_down_cleanly_on_sigterm(tmp_path: Path) -> Non
 
 
 def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:
-    for args, needle in ((["--preset", "gpt-9"], "--preset"),
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = str(busy.getsockname()[1])
+    for args, needle in ((["--host", "127.0.0.1", "--port", busy_port], "--port " + busy_port),
+(["--preset", "gpt-9"], "--preset"),
                          (["--time-scale", "0"], "--time-scale"),
                          (["--max-num-seqs", "300", "--max-num-batched-tokens", "200"],
                           "--max-num-batched-tokens"),
@@ -125,3 +131,4 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 2, args
         text = log.read_text()
         assert needle in text and "Traceback" not in text, text
+    busy.close()

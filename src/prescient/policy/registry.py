@@ -98,6 +98,13 @@ def _metric_and_threshold(settings: DispatchSettings, infer_type: InferType) -> 
     return metric, threshold
 
 
+def _is_default(settings: object, field: str) -> bool:
+    """Whether `settings.field` is the scheduler's declared default (not chosen by the user)."""
+    from prescient.config.scheduler import SchedulerSettings
+
+    return bool(getattr(settings, field) == getattr(SchedulerSettings(), field))
+
+
 def _health_filters(settings: DispatchSettings) -> list[Filter]:
     return [Schedulable(), Fresh(settings.instance_staleness_seconds)]
 
@@ -128,8 +135,10 @@ def _load_balance(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
     for infer_type in INFER_TYPES:
         name, threshold = _metric_and_threshold(settings, infer_type)
         if not full and name not in LITE_METRICS:
-            _warn_once(f"lite mode supports only {' / '.join(LITE_METRICS)}; "
-                       f"--dispatch-{infer_type.value}-load-metric {name} becomes num_tokens")
+            field = f"dispatch_{infer_type.value}_load_metric"
+            if not _is_default(settings, field):  # the full-mode defaults switch silently
+                _warn_once(f"lite mode supports only {' / '.join(LITE_METRICS)}; "
+                           f"--dispatch-{infer_type.value}-load-metric {name} becomes num_tokens")
             name = "num_tokens"
         metric = make_metric(name, full_mode=full)
         filters = [*_health_filters(settings)] if full else []

@@ -464,5 +464,10 @@ async def start_server(settings: SimEngineSettings,
         site = web.TCPSite(runner, settings.host, settings.port, backlog=2048)
     else:
         site = web.SockSite(runner, sock, backlog=2048)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(f"--port {settings.port}: cannot listen on {settings.host}:"
+                          f"{settings.port}: {e.strerror or e}") from None
     return runner

@@ -99,8 +99,11 @@ def test_lite_mode_forces_a_full_only_metric_to_num_tokens_with_a_warning(settin
                                                                          monkeypatch) -> None:
     monkeypatch.setattr(registry, "_warned", set())
     lite = dispatcher(replace(settings, enable_full_mode_scheduling=False), types="NN")
-    assert "becomes num_tokens" in caplog.text
+    assert "becomes num_tokens" not in caplog.text  # the full-mode defaults switch silently
     assert lite.schedule(request(), 1.0).instance_id == "i0"
+    dispatcher(replace(settings, enable_full_mode_scheduling=False,
+                       dispatch_neutral_load_metric="decode_batch_size"), types="NN")
+    assert "--dispatch-neutral-load-metric decode_batch_size becomes num_tokens" in caplog.text
 
 
 def test_flood_and_unknown_policies(settings: Settings) -> None:
