@@ -92,6 +92,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # --- Full-mode CMS ---
     cms_redis_host: Annotated[str, Setting(CMS, "CMS Redis host.")] = "redis"
     cms_redis_port: Annotated[int, Setting(CMS, "CMS Redis port.", **_PORT)] = 6379
+    cms_redis_db: Annotated[int, Setting(CMS, "CMS Redis database number.", ge=0)] = 0
     cms_redis_username: Annotated[str, Setting(CMS, "CMS Redis username.")] = ""
     cms_redis_password: Annotated[str, Setting(CMS, "CMS Redis password.", secret=True)] = ""
     cms_redis_timeout: Annotated[float, Setting(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -23,9 +22,6 @@ from prescient.gateway.app import Gateway
 from prescient.scheduler.core import SchedulerCore
 from prescient.scheduler.wire import Scheduler
 from prescient.tokenizer import Tokenizer, load_tokenizer
-
-if TYPE_CHECKING:
-    from prescient.cms.store import CmsStore
 
 # Flags both commands have but that mean this process's own service, not the scheduler's.
 _NOT_SHARED = frozenset({"host", "port", "service_token"})
@@ -74,16 +70,8 @@ def make_scheduler(settings: GatewaySettings, resolver: Resolver) -> Scheduler:
 
         return RemoteScheduler(settings.scheduler_endpoints,
                                service_token=settings.service_token)
-    store = None
-    if settings.enable_full_mode_scheduling:
-        from prescient.cms.redis_store import RedisStore
-
-        store = RedisStore(settings.cms_redis_host, settings.cms_redis_port,
-                           db=settings.cms_redis_db, username=settings.cms_redis_username,
-                           password=settings.cms_redis_password,
-                           timeout_s=settings.cms_redis_timeout,
-                           retry_times=settings.cms_redis_retry_times)
-    return _EmbeddedCore(embedded_scheduler_settings(settings), store, resolver)
+    # full mode: the core builds its CMS store from the shared --cms-redis-* flags
+    return SchedulerCore(embedded_scheduler_settings(settings), resolver=resolver)
 
 
 def embedded_scheduler_settings(settings: GatewaySettings) -> SchedulerSettings:
@@ -95,19 +83,3 @@ def embedded_scheduler_settings(settings: GatewaySettings) -> SchedulerSettings:
     values = {name: getattr(settings, name) for name in shared}
     values["llm_backend_discovery"] = settings.discovery_kind
     return msgspec.structs.replace(base, **values)
-
-
-class _EmbeddedCore(SchedulerCore):
-    """A `SchedulerCore` that also closes the CMS store made for it (the core closes only
-    stores it made itself, and those cannot name a Redis database)."""
-
-    def __init__(self, settings: SchedulerSettings, store: CmsStore | None,
-                 resolver: Resolver) -> None:
-        super().__init__(settings, store=store, resolver=resolver)
-        self._own_store = store
-
-    async def close(self) -> None:
-        await super().close()
-        if self._own_store is not None:
-            await self._own_store.close()
-            self._own_store = None

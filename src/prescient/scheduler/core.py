@@ -4,7 +4,10 @@ The same object is the scheduler service's engine and the gateway's embedded sch
 gateway can skip a network hop. It wires the pure `Dispatcher` to the live world:
 
 - full mode: a `CmsReader` polls the CMS store into the dispatcher; an instance's endpoint is
-  its metadata `ip:api_server_port`, its aux (KV-transfer) address `ip_kvt:kvt_port`;
+  its metadata `ip:api_server_port`, its aux (KV-transfer) address `ip_kvt:kvt_port`. An empty
+  CMS is "unavailable", not "no instance free" (upstream's 429): after a Redis restart idle
+  llumlets re-register only at their next heartbeat, and meanwhile the gateway's round-robin
+  over discovery serves instead of every request waiting and failing;
 - lite mode: a discovery `Resolver` supplies the instance set; the gateway's `/report`s raise
   token counts; every request is released at completion (upstream forgets to when
   `--requests-report-duration` is 0, §11.9).
@@ -182,7 +185,8 @@ class SchedulerCore:
         Raises:
             InvalidScheduleRequestError: no prompt length, or `pd_staged` without a stage.
             NoInstanceAvailableError: no instance can take it now (HTTP 429).
-            SchedulerUnavailableError: not started, or the CMS is unavailable.
+            SchedulerUnavailableError: not started, the CMS is unavailable, or (full mode) it
+                lists no instance at all.
         """
         if not self._started:
             raise SchedulerUnavailableError("the scheduler is not started")
@@ -197,6 +201,11 @@ class SchedulerCore:
         except CmsUnavailableError as e:
             raise SchedulerUnavailableError(f"cms not available: {e}") from None
         if not decision.placements:
+            if self.full_mode and not self.dispatcher.cms.instance_ids():
+                # An empty CMS (a Redis restarted empty, before the llumlets re-register; idle
+                # ones may take a metadata heartbeat, 20 s) knows less than the gateway's
+                # discovery: say "cannot decide" so it falls back, instead of 429 and a wait.
+                raise SchedulerUnavailableError("cms lists no instances")
             raise NoInstanceAvailableError(f"no instance available for request {request.id!r}")
         return [self._placed(p) for p in decision.placements]
 

@@ -5,8 +5,9 @@ only shared state is the core's account). Status codes follow upstream, because 
 behaviour hangs on them:
 
 - `POST /schedule`: 200 with the request echoed and `scheduling_result` filled; 429 when no
-  instance is available (the gateway waits and retries); 400 for a bad body and for "cms not
-  available" (any non-429 failure makes the gateway fall back to its local round-robin).
+  instance is available (the gateway waits and retries); 400 for a bad body, for "cms not
+  available" and for an empty CMS (any non-429 failure makes the gateway fall back to its local
+  round-robin).
 - `POST /release` (one `ScheduleRequest`), `POST /report` (a list of `ReportItem`): 200 `{}`.
 - `GET /health`: 200 when the core is ready (started; full mode: the CMS answered), else 503.
 - `GET /metrics`: Prometheus text from the service's own registry.

@@ -23,6 +23,7 @@ class CmsSettings(Protocol):
 
     cms_redis_host: str
     cms_redis_port: int
+    cms_redis_db: int
     cms_redis_username: str
     cms_redis_password: str
     cms_redis_timeout: float
@@ -30,11 +31,12 @@ class CmsSettings(Protocol):
 
 
 def make_store(settings: CmsSettings) -> CmsStore:
-    """The CMS Redis store of the `--cms-redis-*` flags (connects lazily, db 0 as upstream)."""
+    """The CMS Redis store of the `--cms-redis-*` flags (connects lazily; upstream always uses
+    database 0, the default)."""
     from prescient.cms.redis_store import RedisStore
 
     return RedisStore(settings.cms_redis_host, settings.cms_redis_port,
-                      username=settings.cms_redis_username,
+                      db=settings.cms_redis_db, username=settings.cms_redis_username,
                       password=settings.cms_redis_password,
                       timeout_s=settings.cms_redis_timeout,
                       retry_times=settings.cms_redis_retry_times)

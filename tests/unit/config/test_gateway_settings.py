@@ -56,13 +56,15 @@ def test_the_embedded_scheduler_takes_the_gateways_shared_flags(tmp_path) -> Non
     config.write_text("dispatch_top_k: 3\nscheduling_policy: flood\n")
     s = load_gateway_settings(["--scheduler-config", str(config), "--enable-full-mode-scheduling"
                                "=false", "--llm-backend-endpoints", "a:1",
-                               "--cms-pull-status-interval-ms", "40"], {})
+                               "--cms-pull-status-interval-ms", "40", "--cms-redis-db", "7"],
+                              {})
     embedded = embedded_scheduler_settings(s)
     assert embedded.dispatch_top_k == 3  # from the file
     assert embedded.scheduling_policy == "load-balance"  # the gateway's flag wins
     assert embedded.enable_full_mode_scheduling is False
     assert embedded.llm_backend_discovery == "endpoints"
     assert embedded.cms_pull_status_interval_ms == 40
+    assert embedded.cms_redis_db == 7
     assert embedded.port == SchedulerSettings().port  # not the gateway's own port
 
 

@@ -36,6 +36,7 @@ SEED_FLAGS: list[tuple[str, Any, str, Any]] = [
     # Full-mode CMS
     ("--cms-redis-host", "redis", "cms.local", "cms.local"),
     ("--cms-redis-port", 6379, "7000", 7000),
+    ("--cms-redis-db", 0, "3", 3),
     ("--cms-redis-username", "", "alice", "alice"),
     ("--cms-redis-password", "", "s3cret", "s3cret"),
     ("--cms-redis-timeout", 1.0, "2.5", 2.5),

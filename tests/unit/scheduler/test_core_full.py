@@ -132,6 +132,22 @@ def test_unschedulable_everywhere_is_no_instance() -> None:
     asyncio.run(main())
 
 
+def test_an_empty_cms_is_unavailable_so_the_gateway_falls_back_instead_of_waiting() -> None:
+    async def main() -> None:
+        store = MemoryStore()  # answering, but no llumlet has (re-)registered yet
+        core = SchedulerCore(full("--cms-pull-metadata-interval-ms", "10"), store=store)
+        await core.start()
+        assert core.ready
+        with pytest.raises(SchedulerUnavailableError, match="no instances"):
+            await core.schedule(ScheduleRequest(id="r1", prompt_num_tokens=5))
+        await fill(store, {"a": 0})
+        await wait_until(lambda: core.dispatcher.cms.status("a") is not None)
+        assert (await core.schedule(ScheduleRequest(id="r2", prompt_num_tokens=5)))[0].id == "a"
+        await core.close()
+
+    asyncio.run(main())
+
+
 def test_a_cms_outage_makes_the_scheduler_unavailable_until_it_answers_again() -> None:
     async def main() -> None:
         store = FlakyStore()
