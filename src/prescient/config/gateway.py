@@ -1,9 +1,8 @@
 """`GatewaySettings`: every flag of `prescient gateway`, declared once.
 
 Flag names and defaults follow upstream Llumnix's gateway (`cmd/gateway`, reference §8.5) and,
-for discovery and the CMS, the scheduler's flags (`SchedulerSettings`), so one deployment file
-can feed both. The discovery and CMS declarations are copies of the scheduler's: sharing them
-would need a common base struct in `config/scheduler.py`.
+for discovery and the CMS, the scheduler's flags, declared once in `ClusterSettings`, so one
+deployment file can feed both.
 
 Deliberate differences from upstream, each explained at its field:
 
@@ -21,20 +20,17 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Annotated, ClassVar, Literal
 
-import msgspec
-
+from prescient.config.cluster import CMS, DISCOVERY, PORT, ClusterSettings
 from prescient.config.settings import Setting, add_arguments, new_parser, parse_settings
 from prescient.errors import ConfigError
 
 SERVICE = "Service"
 SCHEDULING = "Scheduling"
 RETRY = "Retries and waiting"
-DISCOVERY = "Service discovery"
-CMS = "Embedded scheduler (full-mode CMS)"
 REQUESTS = "Requests"
 GROUPS = (SERVICE, SCHEDULING, RETRY, DISCOVERY, CMS, REQUESTS)
 
-_PORT = {"ge": 1, "le": 65535}
+
 
 DESCRIPTION = ("The OpenAI-compatible gateway: schedules each request (embedded scheduler, or "
                "--scheduler-endpoints) and forwards it to the chosen instance. Each flag can "
@@ -43,14 +39,14 @@ DESCRIPTION = ("The OpenAI-compatible gateway: schedules each request (embedded 
                "environment < flags < --extra-args.")
 
 
-class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class GatewaySettings(ClusterSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The gateway's settings; build with `load_gateway_settings`."""
 
     env_prefix: ClassVar[str] = "PRESCIENT_GATEWAY_"  # PRESCIENT_GATEWAY_PORT, ...
 
     # --- Service ---
     host: Annotated[str, Setting(SERVICE, "Address the gateway binds.")] = "0.0.0.0"
-    port: Annotated[int, Setting(SERVICE, "HTTP port.", **_PORT)] = 8001
+    port: Annotated[int, Setting(SERVICE, "HTTP port.", **PORT)] = 8001
     max_body_bytes: Annotated[int, Setting(
         SERVICE, "Largest request body accepted; larger ones get 413. 32 MiB holds a "
         "128k-token prompt many times over, plus inline images; the Rust routers allow "
@@ -103,49 +99,6 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         DISCOVERY, "How the gateway finds instances for its round-robin fallback (and for "
         "--scheduling-policy round-robin). auto: endpoints if --llm-backend-endpoints is given, "
         "else redis (upstream's default).")] = "auto"
-    llm_backend_endpoints: Annotated[tuple[str, ...], Setting(
-        DISCOVERY, "Static instances for --llm-backend-discovery endpoints.",
-        metavar="HOST:PORT,...")] = ()
-    discovery_redis_host: Annotated[str, Setting(DISCOVERY, "Discovery Redis host.")] = "redis"
-    discovery_redis_port: Annotated[int, Setting(DISCOVERY, "Discovery Redis port.", **_PORT)] = (
-        6379)
-    discovery_redis_username: Annotated[str, Setting(DISCOVERY, "Discovery Redis username.")] = ""
-    discovery_redis_password: Annotated[str, Setting(
-        DISCOVERY, "Discovery Redis password.", secret=True)] = ""
-    discovery_redis_socket_timeout: Annotated[float, Setting(
-        DISCOVERY, "Discovery Redis socket timeout, seconds.", gt=0)] = 1.0
-    discovery_redis_retry_times: Annotated[int, Setting(
-        DISCOVERY, "Discovery Redis retries on connection failure.", ge=0)] = 1
-    discovery_redis_refresh_interval_ms: Annotated[int, Setting(
-        DISCOVERY, "How often discovery entries are polled, ms.", gt=0)] = 1000
-    discovery_redis_status_ttl_ms: Annotated[int, Setting(
-        DISCOVERY, "A discovery entry older than this is expired and deleted, ms.", gt=0)] = 60000
-    discovery_etcd_endpoints: Annotated[tuple[str, ...], Setting(
-        DISCOVERY, "Discovery etcd endpoints.", metavar="HOST:PORT,...")] = ("etcd:2379",)
-    discovery_etcd_username: Annotated[str, Setting(DISCOVERY, "Discovery etcd username.")] = ""
-    discovery_etcd_password: Annotated[str, Setting(
-        DISCOVERY, "Discovery etcd password.", secret=True)] = ""
-    discovery_etcd_dial_timeout: Annotated[float, Setting(
-        DISCOVERY, "Discovery etcd dial timeout, seconds.", gt=0)] = 5.0
-    discovery_etcd_lease_ttl: Annotated[int, Setting(
-        DISCOVERY, "Discovery etcd lease TTL, seconds.", gt=0)] = 60
-    discovery_etcd_refresh_interval_sec: Annotated[int, Setting(
-        DISCOVERY, "Full etcd re-read besides the watch, seconds.", gt=0)] = 3600
-
-    # --- Embedded scheduler (full-mode CMS) ---
-    cms_redis_host: Annotated[str, Setting(CMS, "CMS Redis host.")] = "redis"
-    cms_redis_port: Annotated[int, Setting(CMS, "CMS Redis port.", **_PORT)] = 6379
-    cms_redis_db: Annotated[int, Setting(CMS, "CMS Redis database number.", ge=0)] = 0
-    cms_redis_username: Annotated[str, Setting(CMS, "CMS Redis username.")] = ""
-    cms_redis_password: Annotated[str, Setting(CMS, "CMS Redis password.", secret=True)] = ""
-    cms_redis_timeout: Annotated[float, Setting(
-        CMS, "CMS Redis socket timeout, seconds.", gt=0)] = 1.0
-    cms_redis_retry_times: Annotated[int, Setting(
-        CMS, "CMS Redis retries on connection failure.", ge=0)] = 1
-    cms_pull_status_interval_ms: Annotated[int, Setting(
-        CMS, "How often instance statuses are polled from the CMS, ms.", gt=0)] = 500
-    cms_pull_metadata_interval_ms: Annotated[int, Setting(
-        CMS, "How often instance metadata is polled from the CMS, ms.", gt=0)] = 10000
 
     # --- Requests ---
     tokenizer_path: Annotated[str, Setting(

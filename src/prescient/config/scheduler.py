@@ -15,8 +15,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Annotated, ClassVar, Literal
 
-import msgspec
-
+from prescient.config.cluster import CMS, DISCOVERY, PORT, ClusterSettings
 from prescient.config.settings import (
     DefaultChoice,
     Setting,
@@ -26,8 +25,6 @@ from prescient.config.settings import (
 )
 from prescient.errors import ConfigError
 
-DISCOVERY = "Service discovery"
-CMS = "Full-mode CMS"
 POLICY = "Policy framework"
 CACHE = "Cache-aware scheduling"
 PREDICTOR = "Predictor-enhanced scheduling"
@@ -49,60 +46,15 @@ ReschedulingPolicy = Literal[
     "binpacking_mitigation", "binpacking_consolidation",
 ]
 
-_PORT = {"ge": 1, "le": 65535}
 
 
-class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+
+class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The scheduler service's settings; build with `load_scheduler_settings`."""
 
     env_prefix: ClassVar[str] = "PRESCIENT_SCHEDULER_"
 
-    # --- Service discovery (lite mode; shared with the gateway) ---
-    llm_backend_discovery: Annotated[Literal["redis", "etcd", "endpoints"], Setting(
-        DISCOVERY, "How lite mode finds inference instances.")] = "redis"
-    llm_backend_endpoints: Annotated[tuple[str, ...], Setting(
-        DISCOVERY, "Static instances for --llm-backend-discovery endpoints.",
-        metavar="HOST:PORT,...")] = ()
-    discovery_redis_host: Annotated[str, Setting(DISCOVERY, "Discovery Redis host.")] = "redis"
-    discovery_redis_port: Annotated[int, Setting(DISCOVERY, "Discovery Redis port.", **_PORT)] = (
-        6379)
-    discovery_redis_username: Annotated[str, Setting(DISCOVERY, "Discovery Redis username.")] = ""
-    discovery_redis_password: Annotated[str, Setting(
-        DISCOVERY, "Discovery Redis password.", secret=True)] = ""
-    discovery_redis_socket_timeout: Annotated[float, Setting(
-        DISCOVERY, "Discovery Redis socket timeout, seconds.", gt=0)] = 1.0
-    discovery_redis_retry_times: Annotated[int, Setting(
-        DISCOVERY, "Discovery Redis retries on connection failure.", ge=0)] = 1
-    discovery_redis_refresh_interval_ms: Annotated[int, Setting(
-        DISCOVERY, "How often discovery entries are polled, ms.", gt=0)] = 1000
-    discovery_redis_status_ttl_ms: Annotated[int, Setting(
-        DISCOVERY, "A discovery entry older than this is expired and deleted, ms.", gt=0)] = 60000
-    discovery_etcd_endpoints: Annotated[tuple[str, ...], Setting(
-        DISCOVERY, "Discovery etcd endpoints.", metavar="HOST:PORT,...")] = ("etcd:2379",)
-    discovery_etcd_username: Annotated[str, Setting(DISCOVERY, "Discovery etcd username.")] = ""
-    discovery_etcd_password: Annotated[str, Setting(
-        DISCOVERY, "Discovery etcd password.", secret=True)] = ""
-    discovery_etcd_dial_timeout: Annotated[float, Setting(
-        DISCOVERY, "Discovery etcd dial timeout, seconds.", gt=0)] = 5.0
-    discovery_etcd_lease_ttl: Annotated[int, Setting(
-        DISCOVERY, "Discovery etcd lease TTL, seconds.", gt=0)] = 60
-    discovery_etcd_refresh_interval_sec: Annotated[int, Setting(
-        DISCOVERY, "Full etcd re-read besides the watch, seconds.", gt=0)] = 3600
-
-    # --- Full-mode CMS ---
-    cms_redis_host: Annotated[str, Setting(CMS, "CMS Redis host.")] = "redis"
-    cms_redis_port: Annotated[int, Setting(CMS, "CMS Redis port.", **_PORT)] = 6379
-    cms_redis_db: Annotated[int, Setting(CMS, "CMS Redis database number.", ge=0)] = 0
-    cms_redis_username: Annotated[str, Setting(CMS, "CMS Redis username.")] = ""
-    cms_redis_password: Annotated[str, Setting(CMS, "CMS Redis password.", secret=True)] = ""
-    cms_redis_timeout: Annotated[float, Setting(
-        CMS, "CMS Redis socket timeout, seconds.", gt=0)] = 1.0
-    cms_redis_retry_times: Annotated[int, Setting(
-        CMS, "CMS Redis retries on connection failure.", ge=0)] = 1
-    cms_pull_status_interval_ms: Annotated[int, Setting(
-        CMS, "How often instance statuses are polled from the CMS, ms.", gt=0)] = 500
-    cms_pull_metadata_interval_ms: Annotated[int, Setting(
-        CMS, "How often instance metadata is polled from the CMS, ms.", gt=0)] = 10000
+    # --- Service discovery and full-mode CMS: declared in ClusterSettings ---
 
     # --- Policy framework ---
     enable_full_mode_scheduling: Annotated[bool, Setting(
@@ -169,7 +121,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     kvs_metadata_service_http_server_host: Annotated[str, Setting(
         CACHE, "Metadata service HTTP host.")] = "0.0.0.0"
     kvs_metadata_service_http_server_port: Annotated[int, Setting(
-        CACHE, "Metadata service HTTP port.", **_PORT)] = 9003
+        CACHE, "Metadata service HTTP port.", **PORT)] = 9003
 
     # --- Predictor-enhanced scheduling ---
     enable_predictor_enhanced_scheduling: Annotated[bool, Setting(
@@ -258,7 +210,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     # --- Service ---
     host: Annotated[str, Setting(SERVICE, "Address the HTTP service binds.")] = "0.0.0.0"
-    port: Annotated[int, Setting(SERVICE, "HTTP port.", **_PORT)] = 8002
+    port: Annotated[int, Setting(SERVICE, "HTTP port.", **PORT)] = 8002
     service_token: Annotated[str, Setting(
         SERVICE, "If set, requests must carry it in the Authorization header.",
         secret=True)] = ""

@@ -1,10 +1,9 @@
 """`DiscoveryAgentSettings`: the flags of `prescient discovery-agent`, declared once.
 
 The agent is upstream Llumnix's discovery sidecar: one per inference pod, it health-checks the
-pod's engines and registers the healthy ones in Redis or etcd. The discovery backend flags
-(`--llm-backend-discovery`, `--discovery-redis-*`, `--discovery-etcd-*`) have the names and
-defaults of the scheduler's and gateway's (`SchedulerSettings`), so one deployment's values fit
-all three; a unit test keeps them equal. The pod flags follow upstream's sidecar (`pod_name`,
+pod's engines and registers the healthy ones in Redis or etcd. The discovery store flags
+(`--discovery-redis-*`, `--discovery-etcd-*`) are the scheduler's and gateway's: all three
+inherit them from `config/cluster.py`. The pod flags follow upstream's sidecar (`pod_name`,
 `entrypoint_ip`, `kv_transfer_*`, `model`, `health_path`) with dashes; `--engine-endpoints`
 replaces its `entrypoint_port` + `dp_size_local` (consecutive ports) with an explicit list.
 """
@@ -15,20 +14,18 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Annotated, ClassVar, Literal
 
-import msgspec
-
+from prescient.config.cluster import DISCOVERY, DiscoveryStoreSettings
 from prescient.config.settings import Setting, add_arguments, new_parser, parse_settings
 from prescient.discovery.base import parse_endpoint
 from prescient.errors import ConfigError
 
 POD = "Pod"
 HEALTH = "Health checks"
-DISCOVERY = "Service discovery"
-
-_PORT = {"ge": 1, "le": 65535}
 
 
-class DiscoveryAgentSettings(msgspec.Struct, frozen=True, kw_only=True,
+
+
+class DiscoveryAgentSettings(DiscoveryStoreSettings, frozen=True, kw_only=True,
                              forbid_unknown_fields=True):
     """The discovery agent's settings; build with `load_agent_settings`."""
 
@@ -63,26 +60,6 @@ class DiscoveryAgentSettings(msgspec.Struct, frozen=True, kw_only=True,
     # --- Service discovery (names and defaults as the scheduler's and gateway's) ---
     llm_backend_discovery: Annotated[Literal["redis", "etcd"], Setting(
         DISCOVERY, "Where to register the engines.")] = "redis"
-    discovery_redis_host: Annotated[str, Setting(DISCOVERY, "Discovery Redis host.")] = "redis"
-    discovery_redis_port: Annotated[int, Setting(DISCOVERY, "Discovery Redis port.", **_PORT)] = (
-        6379)
-    discovery_redis_username: Annotated[str, Setting(DISCOVERY, "Discovery Redis username.")] = ""
-    discovery_redis_password: Annotated[str, Setting(
-        DISCOVERY, "Discovery Redis password.", secret=True)] = ""
-    discovery_redis_socket_timeout: Annotated[float, Setting(
-        DISCOVERY, "Discovery Redis socket timeout, seconds.", gt=0)] = 1.0
-    discovery_redis_retry_times: Annotated[int, Setting(
-        DISCOVERY, "Discovery Redis retries on connection failure.", ge=0)] = 1
-    discovery_etcd_endpoints: Annotated[tuple[str, ...], Setting(
-        DISCOVERY, "Discovery etcd endpoints.", metavar="HOST:PORT,...")] = ("etcd:2379",)
-    discovery_etcd_username: Annotated[str, Setting(DISCOVERY, "Discovery etcd username.")] = ""
-    discovery_etcd_password: Annotated[str, Setting(
-        DISCOVERY, "Discovery etcd password.", secret=True)] = ""
-    discovery_etcd_dial_timeout: Annotated[float, Setting(
-        DISCOVERY, "Discovery etcd dial timeout, seconds.", gt=0)] = 5.0
-    discovery_etcd_lease_ttl: Annotated[int, Setting(
-        DISCOVERY, "Lease TTL of the registration; a dead agent's engines vanish after it, "
-                   "seconds.", gt=0)] = 60
 
     def __post_init__(self) -> None:
         if not self.pod_name:
