@@ -304,7 +304,10 @@ def test_a_redis_outage_falls_back_and_full_mode_recovers(
 
         redis.start()  # empty: every key is gone
         cluster.wait_for_instances(3)  # the llumlets re-registered, the scheduler read them
-        assert all(len(cluster.keys_of(e)) == 2 for e in cluster.engines)
+        # an idle engine's status comes back at its next pull, up to a heartbeat after its
+        # metadata
+        wait_until(lambda: all(len(cluster.keys_of(e)) == 2 for e in cluster.engines), 10,
+                   "every engine's metadata and status keys to be back", cluster.stack)
         # the embedded scheduler polls on its own: wait until it places requests again
         embedded = gateways[1]
 
