@@ -91,6 +91,11 @@ class GatewaySettings(ClusterSettings, frozen=True, kw_only=True, forbid_unknown
     connect_timeout: Annotated[float, Setting(
         RETRY, "Connecting to an instance gives up after this long, seconds (upstream: 3).",
         gt=0)] = 3.0
+    upstream_read_timeout: Annotated[float, Setting(
+        RETRY, "An instance that sends no byte for this long (no response head yet, or a stream "
+        "gone silent) fails the request: retried elsewhere before the first byte, ended with an "
+        "SSE error after it, seconds. Upstream allows 900 s for the head and 300 s between SSE "
+        "reads.", gt=0)] = 300.0
 
     # --- Service discovery (local round-robin and the fallback) ---
     # `auto` is ours: `prescient gateway --llm-backend-endpoints a:8000,b:8000` should just work,

@@ -64,7 +64,7 @@ class Gateway:
             None if local_only else scheduler, resolver, self.metrics,
             wait_timeout_s=settings.wait_scheduling_timeout,
             wait_interval_s=settings.wait_scheduling_retry_interval, clock=clock)
-        self.pool = UpstreamPool()
+        self.pool = UpstreamPool(read_timeout_s=settings.upstream_read_timeout)
         self.proxy = Proxy(
             self.balancer, self.pool, self.metrics, retry_max_count=settings.retry_max_count,
             connect_timeout=settings.connect_timeout,

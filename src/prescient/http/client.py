@@ -13,6 +13,13 @@ retry is safe:
 - `UpstreamClosedError`: the connection died mid-response; `UpstreamProtocolError`: the
   upstream spoke bad HTTP. Both after the response began: not retryable once the client saw bytes.
 
+An engine that stops answering without closing the connection (hung, or its host gone without a
+FIN) would hold the request forever. The pool watches every connection with an exchange in
+flight: one that has received no byte for `read_timeout_s` is closed, failing the request with
+`UpstreamConnectError` if no response byte came yet (retryable elsewhere) or
+`UpstreamClosedError` mid-response. Upstream Llumnix's gateway allows 15 min for the response
+head and 5 min between SSE reads; one inactivity timeout covers both.
+
 A pooled connection can be closed by the server while idle (uvicorn, which serves vLLM, closes
 idle keep-alive connections after 5 s); if the server's FIN has not arrived yet, our request goes
 out on a dead socket. Two guards: idle connections older than `idle_timeout_s` are dropped, and a
@@ -159,6 +166,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.busy = False  # an exchange is in progress (request sent, response not complete)
         self.exchanges = 0  # requests sent so far on this connection
         self.idle_since = 0.0
+        self.last_activity = 0.0  # loop time of the last request sent or byte received
         self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
@@ -180,6 +188,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._got_bytes = False
         self.exchanges += 1
         self.busy = True
+        self.last_activity = self.loop.time()
         self.transport.write(data)
         return self._head
 
@@ -198,6 +207,7 @@ class _UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the stream is out of sync
             return
         self._got_bytes = True
+        self.last_activity = self.loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -214,6 +224,17 @@ class _UpstreamConnection(asyncio.Protocol):
         reason = f"{type(exc).__name__}: {exc}" if exc else "closed by peer"
         self._lost(UpstreamClosedError(
             f"connection to {self.key[0]}:{self.key[1]} lost mid-response ({reason})"))
+
+    def time_out(self, after_s: float) -> None:
+        """No byte for `after_s` seconds: fail the exchange and close the connection."""
+        where = f"{self.key[0]}:{self.key[1]}"
+        head = self._head
+        if head is not None and not head.done() and not self._got_bytes:
+            head.set_exception(UpstreamConnectError(
+                f"{where} sent no response for {after_s:g} s"))  # retryable, not a stale socket
+            self._head = None
+        self._lost(UpstreamClosedError(f"{where} sent nothing for {after_s:g} s"))
+        self.close()
 
     def _lost(self, error: UpstreamError) -> None:
         head = self._head
@@ -292,10 +313,12 @@ class UpstreamPool:
     """Keep-alive connections per (host, port); at most `max_idle_per_host` idle ones kept."""
 
     def __init__(self, *, max_idle_per_host: int = 1024, idle_timeout_s: float = 4.0,
-                 clock: Callable[[], float] = time.monotonic,
+                 read_timeout_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
                  ) -> None:
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout_s = idle_timeout_s
+        self.read_timeout_s = read_timeout_s  # no byte for this long fails the exchange
+        self._watchdog: asyncio.TimerHandle | None = None
         self._clock = clock
         self._idle: dict[tuple[str, int], list[_UpstreamConnection]] = {}
         self._all: set[_UpstreamConnection] = set()
@@ -319,6 +342,8 @@ class UpstreamPool:
         """
         if self._closed:
             raise UpstreamConnectError("the upstream pool is closed")
+        if self._watchdog is None:
+            self._watch()
         key = (host, port)
         data = _request_bytes(host, port, method, path, headers, body)
         if abort_when is not None and abort_when.done():
@@ -363,9 +388,22 @@ class UpstreamPool:
         if idle and conn in idle:
             idle.remove(conn)
 
+    def _watch(self) -> None:
+        """Close busy connections silent for `read_timeout_s`; runs every quarter timeout (at
+        most every second), so one timer serves every connection."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        limit = self.read_timeout_s
+        for conn in [c for c in self._all if c.busy and now - c.last_activity > limit]:
+            conn.time_out(limit)
+        if not self._closed:
+            self._watchdog = loop.call_later(min(1.0, self.read_timeout_s / 4), self._watch)
+
     async def close(self) -> None:
         """Close every connection, idle or busy."""
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for conn in list(self._all):
             conn.close()
         self._idle.clear()

@@ -319,3 +319,29 @@ def test_a_slow_consumer_pauses_reading_and_loses_nothing(run: Runner) -> None:
         assert size == total
 
     run(main())
+
+
+def test_a_silent_upstream_times_out_before_and_during_the_response(run: Runner) -> None:
+    hang = asyncio.Event()
+
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        request = await _read_request(reader)
+        if b"/started" in request:  # the head and one event, then silence
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"6\r\ndata: \r\n")
+        await hang.wait()  # never answers (more)
+
+    async def main() -> None:
+        raw = await RawServer(talk).start()
+        pool = UpstreamPool(read_timeout_s=0.2)
+        with pytest.raises(UpstreamConnectError, match="sent no response for 0.2 s"):
+            await pool.request("127.0.0.1", raw.port, "GET", "/silent")
+        response = await pool.request("127.0.0.1", raw.port, "GET", "/started")
+        assert await response.read_chunk() == b"data: "
+        with pytest.raises(UpstreamClosedError, match="sent nothing for 0.2 s"):
+            await response.read_chunk()
+        hang.set()
+        await pool.close()
+        raw.close()
+
+    run(main())
