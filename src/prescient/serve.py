@@ -216,7 +216,7 @@ class LocalStack:
         if server is not None:
             server.close()
         if gateway is not None:
-            await _drain(gateway, SHUTDOWN_GRACE_S)
+            await gateway.drain(SHUTDOWN_GRACE_S)
             await gateway.close()
         engines, self.engines = self.engines, []
         for engine in engines:
@@ -251,11 +251,3 @@ async def _listen(gateway: Gateway, host: str, port: int) -> asyncio.AbstractSer
         raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: "
                           f"{e.strerror or e}") from e
 
-
-async def _drain(gateway: Gateway, grace_s: float) -> None:
-    """Wait until no request is in flight, or `grace_s` passed."""
-    deadline = time.monotonic() + grace_s
-    while gateway.metrics.in_flight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if gateway.metrics.in_flight:
-        log.warning("shutting down with %d requests still in flight", gateway.metrics.in_flight)

@@ -100,6 +100,15 @@ class Gateway:
         return await serve(self.router, host, port, max_body_bytes=self.settings.max_body_bytes,
                            backlog=self.settings.backlog)
 
+    async def drain(self, grace_s: float) -> None:
+        """Wait until no request is in flight, or `grace_s` passed (call after the listening
+        server closed, before `close`)."""
+        deadline = time.monotonic() + grace_s
+        while self.metrics.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.metrics.in_flight:
+            log.warning("shutting down with %d requests still in flight", self.metrics.in_flight)
+
     async def close(self) -> None:
         """Close upstream connections, the scheduler and discovery."""
         await self.pool.close()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
-from typing import Any
 
 from prescient import service
 from prescient.config.gateway import DESCRIPTION, GatewaySettings, gateway_parser
@@ -60,18 +58,9 @@ async def serve_until_signalled(settings: GatewaySettings, stop: asyncio.Event) 
                  _describe(settings))
         await stop.wait()
         server.close()
-        await _drain(gateway.metrics, SHUTDOWN_GRACE_S)
+        await gateway.drain(SHUTDOWN_GRACE_S)
     finally:
         await gateway.close()
-
-
-async def _drain(metrics: Any, grace_s: float) -> None:
-    """Wait until no request is in flight, or `grace_s` passed."""
-    deadline = time.monotonic() + grace_s
-    while metrics.in_flight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if metrics.in_flight:
-        log.warning("shutting down with %d requests still in flight", metrics.in_flight)
 
 
 def _describe(settings: GatewaySettings) -> str:
