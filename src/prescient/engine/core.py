@@ -11,6 +11,14 @@ pending token. A driver owns time:
     engine.interrupt(now)            # new input arrived: cut a run of decode steps short
     engine.abort(request_id, now)    # between steps: drop a request (client went away)
 
+Migration (a driver steps through `prescient.rescheduler.migration`'s protocol): the source
+selects requests to leave (`select_migrating_out`) and reports their KV size while they keep
+decoding (`migration_kv_tokens`); the destination reserves blocks (`reserve_migrate_in`); the
+source stops a request (`migrate_out_stop`) and the destination takes it with its KV and output
+so far (`commit_migrate_in`), or gives the reservation back (`release_migrate_in`). Everything
+that changes blocks or the batch happens between steps, so a driver first cuts a run short with
+`interrupt(now, force=True)`, exactly as for an arrival.
+
 Runs of identical decode-only steps are skipped in closed form. A decoding request is not updated
 per step: it is anchored at the step `g0` where it started decoding with `out0` tokens, so at
 global step `s` it has `out0 + s - g0` tokens, and needs `a + s` KV slots with
@@ -34,6 +42,8 @@ from prescient.engine.request import EngineRequest
 from prescient.engine.step_time import StepTimeModel
 from prescient.engine.steps import count_starts, run_time
 from prescient.model import InstanceStatus, Request
+from prescient.rescheduler.plan import SelectOrder, SelectRule
+from prescient.rescheduler.selection import Candidate, select
 
 _NO_SAMPLE = (-1, 0, 0.0)
 
@@ -96,6 +106,11 @@ class SimEngine:
         self._dec_need = 0  # blocks this step's decodes allocate (valid while scheduling)
         self._sample: tuple[int, int, float] = _NO_SAMPLE  # profiling id, tokens, ms
         self._num_samples = 0
+        # migration state, by request id: chosen to leave; blocks reserved for one coming in;
+        # arrived with their KV and waiting for a batch slot (they decode from then on)
+        self._migrating_out: set[str] = set()
+        self._reserved: dict[str, int] = {}
+        self._arrived: dict[str, EngineRequest] = {}
 
     # ---- public surface -------------------------------------------------------------------
 
@@ -106,7 +121,7 @@ class SimEngine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._arrived)
 
     @property
     def num_steps(self) -> int:
@@ -134,12 +149,18 @@ class SimEngine:
             raise RuntimeError(f"{self.instance_id}: a step is already in flight")
         if not self.has_work:
             return None
-        self._num_updates += 1
         self._plan = self._schedule(now)
+        if self._plan is None:
+            return None  # only blocks reserved for incoming migrations could run; wait for them
+        self._num_updates += 1
         return self._plan.end
 
-    def interrupt(self, now: float) -> float:
-        """New input at `now`: end the current run at the first step boundary after `now`."""
+    def interrupt(self, now: float, *, force: bool = False) -> float:
+        """New input at `now`: end the current run at the first step boundary after `now`.
+
+        `force` always ends it there (a migration must change blocks or the batch between
+        steps); otherwise a run whose outcome the input cannot change goes on.
+        """
         plan = self._plan
         if plan is None:
             raise RuntimeError(f"{self.instance_id}: nothing in flight to interrupt")
@@ -147,7 +168,7 @@ class SimEngine:
         # blocked until the run ends at a completion, so the run goes on unchanged; a
         # shortest-first queue may put the newcomer in front, so it must be looked at.
         blocked = plan.num_waiting > 0 and self.config.queue_policy == "fcfs"
-        admissible = not blocked and len(self._running) < self.config.max_num_seqs
+        admissible = force or (not blocked and len(self._running) < self.config.max_num_seqs)
         if plan.n > 1 and admissible:
             plan.n = max(1, count_starts(plan.alpha, plan.beta, plan.n, now - plan.start, True))
         return plan.end
@@ -181,17 +202,19 @@ class SimEngine:
         (full blocks stay in the prefix cache, as vLLM's freed blocks do) and its decode anchor
         leaves the aggregates exactly as a preemption would. Returns False for an unknown id.
         """
-        if self._plan is not None:
-            raise RuntimeError(f"{self.instance_id}: abort with a step in flight")
+        self._between_steps("abort")
         req = self._live.pop(request_id, None)
         if req is None:
             return False
+        self._migrating_out.discard(request_id)
         if request_id in self._running:
             if req.g0 >= 0:
                 self._leave_decode(req, self._step)
             else:
                 self._prefilling.remove(req)
             del self._running[request_id]
+            self._release(req)
+        elif self._arrived.pop(request_id, None) is not None:
             self._release(req)
         else:
             self._waiting.remove(req)
@@ -200,15 +223,165 @@ class SimEngine:
             self._num_updates += 1  # the idle status
         return True
 
-    def num_output_tokens(self, request_id: str) -> int:
+    def num_output_tokens(self, request_id: str, now: float | None = None) -> int:
         """Tokens sampled so far by a waiting or running request (KeyError if neither).
 
-        Between steps this is exact; with a step in flight it is the count before that step.
+        Between steps this is exact; with a step in flight it is the count before that step,
+        or, given `now`, the count after the steps of the run in flight that ended by then.
         """
         req = self._live[request_id]
         if req.g0 >= 0:
-            return req.num_output + self._step - req.g0
+            done = 0 if now is None else self._steps_done(now)
+            return req.num_output + self._step + done - req.g0
         return req.num_output
+
+    def live_requests(self) -> tuple[EngineRequest, ...]:
+        """Every request waiting, running or arrived by migration, in arrival order."""
+        return tuple(self._live.values())
+
+    # ---- migration ---------------------------------------------------------------------------
+
+    @property
+    def num_migrating_out(self) -> int:
+        """Requests chosen to leave and not gone yet (the migrate-out slots in use)."""
+        return len(self._migrating_out)
+
+    @property
+    def num_migrating_in(self) -> int:
+        """Incoming requests holding reserved blocks (the migrate-in slots in use)."""
+        return len(self._reserved)
+
+    def migration_candidates(self, now: float) -> list[Candidate]:
+        """Every waiting or running request as the selection sees it at `now`, in arrival
+        order (sequence lengths count the steps of the run in flight that ended by `now`)."""
+        out = []
+        for rid, req in self._live.items():
+            if rid in self._arrived:
+                continue
+            running = rid in self._running
+            out.append(Candidate(rid, req.request.prompt_len + self.num_output_tokens(rid, now),
+                                 not running, running and req.g0 >= 0,
+                                 rid in self._migrating_out))
+        return out
+
+    def select_migrating_out(self, rule: SelectRule, order: SelectOrder, value: float,
+                             max_requests: float, now: float) -> list[str]:
+        """Choose requests to migrate out at `now` (reference §7.3); mark them as leaving."""
+        chosen = select(self.migration_candidates(now), rule, order, value,
+                        num_gpu_tokens=self.pool.num_blocks * self._bs, max_requests=max_requests)
+        self._migrating_out.update(chosen)
+        return chosen
+
+    def cancel_migrate_out(self, request_id: str) -> None:
+        """The migration of `request_id` was abandoned: it stays here as if never chosen."""
+        self._migrating_out.discard(request_id)
+
+    def migration_kv_tokens(self, request_id: str, now: float) -> int | None:
+        """Tokens with KV of a leaving request at `now` (0 while waiting).
+
+        None when it can no longer leave as chosen: finished, aborted, preempted, or (chosen
+        while waiting) now prefilling.
+        """
+        if request_id not in self._migrating_out:
+            return None
+        req = self._live[request_id]
+        if request_id not in self._running:
+            return 0
+        if req.g0 < 0:
+            return None
+        return req.a + self._step + self._steps_done(now) - 1
+
+    def migrate_out_stop(self, request_id: str) -> EngineRequest | None:
+        """Between steps: take a leaving request off this engine, its blocks freed here.
+
+        Returns the request (its output so far, `num_computed` tokens of KV to carry), or None
+        when it can no longer leave (see `migration_kv_tokens`).
+        """
+        self._between_steps("stop a migration")
+        req = self._live.get(request_id)
+        running = request_id in self._running
+        if request_id not in self._migrating_out or req is None or (running and req.g0 < 0):
+            return None
+        self._migrating_out.discard(request_id)
+        del self._live[request_id]
+        if running:
+            self._leave_decode(req, self._step)
+            del self._running[request_id]
+            self._release(req)
+        else:
+            self._waiting.remove(req)
+        if not self.has_work:
+            self._num_updates += 1  # the idle status
+        return req
+
+    def reserve_migrate_in(self, request_id: str, blocks: int) -> bool:
+        """Between steps: pre-allocate `blocks` more for an incoming request; False if no room.
+
+        Room is what a newly admitted request could take: free blocks beyond this step's decode
+        growth and the watermark.
+        """
+        self._between_steps("reserve blocks")
+        room = self.pool.num_free - self._decode_need(self._step, 1) - self._watermark_blocks
+        if blocks > room:
+            return False
+        self.pool.allocate(blocks)
+        self._reserved[request_id] = self._reserved.get(request_id, 0) + blocks
+        return True
+
+    def release_migrate_in(self, request_id: str) -> int:
+        """Between steps: give back what was reserved for an abandoned incoming migration."""
+        self._between_steps("release reserved blocks")
+        blocks = self._reserved.pop(request_id, 0)
+        self.pool.release([], blocks)
+        return blocks
+
+    def commit_migrate_in(self, req: EngineRequest) -> None:
+        """Between steps: `req` (from `migrate_out_stop` elsewhere) arrives with its KV.
+
+        A request that was decoding keeps its output and resumes decoding from the next step (no
+        recomputation), in the blocks reserved for it; the surplus goes back. One that was
+        waiting joins the waiting queue.
+        """
+        self._between_steps("take a migrated request")
+        rid = req.request_id
+        if rid in self._live:
+            raise ValueError(f"{self.instance_id}: request {rid!r} is already here")
+        need = -(-req.num_computed // self._bs)
+        reserved = self._reserved.pop(rid, 0)
+        if reserved < need:
+            self.pool.release([], reserved)
+            raise ValueError(f"{self.instance_id}: {rid!r} needs {need} blocks, {reserved} "
+                             "reserved")
+        self.pool.release([], reserved - need)
+        req.num_blocks = need
+        self._live[rid] = req
+        if need:
+            self._register_full_blocks(req)
+            self._arrived[rid] = req
+        else:
+            self._waiting.append(req)
+
+    def _admit_arrived(self, step: int) -> None:
+        """Migrated requests join the batch (as decodes) while it has room."""
+        arrived = self._arrived
+        while arrived and len(self._running) < self.config.max_num_seqs:
+            rid = next(iter(arrived))
+            req = arrived.pop(rid)
+            self._running[rid] = req
+            self._enter_decode(req, step)
+
+    def _steps_done(self, now: float) -> int:
+        """Steps of the run in flight that have ended by `now`."""
+        plan = self._plan
+        if plan is None:
+            return 0
+        elapsed = now - plan.start
+        done = count_starts(plan.alpha, plan.beta, plan.n, elapsed, False) - 1
+        return max(0, done + (run_time(plan.alpha, plan.beta, plan.n) <= elapsed))
+
+    def _between_steps(self, what: str) -> None:
+        if self._plan is not None:
+            raise RuntimeError(f"{self.instance_id}: cannot {what} with a step in flight")
 
     def snapshot(self, now: float, timestamp_ms: int) -> InstanceStatus:
         """The status the engine last produced at or before `now` (after scheduling, or idle)."""
@@ -234,6 +407,7 @@ class SimEngine:
         decode = self._dec_finish_sum - self._dec_count * step
         decode += sum(r.request.output_len - r.num_output for r in self._prefilling)
         decode += sum(r.request.output_len - r.num_output for r in self._waiting)
+        decode += sum(r.request.output_len - r.num_output for r in self._arrived.values())
         return prefill, decode
 
     def _profile(self, prefill_tokens: int, duration_ms: float) -> tuple[int, int, float]:
@@ -247,8 +421,9 @@ class SimEngine:
 
     # ---- scheduling ------------------------------------------------------------------------
 
-    def _schedule(self, now: float) -> _Plan:
+    def _schedule(self, now: float) -> _Plan | None:
         step = self._step
+        self._admit_arrived(step)
         self._dec_need = self._decode_need(step, 1)
         self._make_room(0, step, None)
         budget = self._token_budget(step) - self._dec_count
@@ -260,6 +435,8 @@ class SimEngine:
         if chunks:
             return self._single_step_plan(now, step, chunks)
         if not self._dec_count:
+            if self._reserved:
+                return None
             raise RuntimeError(f"{self.instance_id}: work queued but nothing schedulable")
         return self._decode_run_plan(now, step)
 
@@ -411,6 +588,7 @@ class SimEngine:
             self._finish(req, end, finished)
 
     def _finish(self, req: EngineRequest, end: float, finished: list[EngineRequest]) -> None:
+        self._migrating_out.discard(req.request_id)
         del self._running[req.request_id]
         del self._live[req.request_id]
         self._release(req)
@@ -478,6 +656,7 @@ class SimEngine:
 
     def _preempt(self, req: EngineRequest, step: int) -> None:
         """Preempt by recompute: free everything, requeue at the front of the waiting queue."""
+        self._migrating_out.discard(req.request_id)  # a migration of it aborts
         if req.g0 >= 0:
             self._leave_decode(req, step)
         else:
@@ -574,6 +753,8 @@ class SimEngine:
         dec_tokens += sum(r.num_tokens for r in pf_to_decode)
         recent = self._recent_waiting(num_seen, now)
         used_blocks = self.pool.num_blocks - (self.pool.num_free - dec_need)
+        arrived = self._arrived.values()
+        loading_tokens = sum(r.num_tokens for r in arrived) + bs * sum(self._reserved.values())
         return InstanceStatus(
             instance_id=self.instance_id,
             timestamp_ms=timestamp_ms,
@@ -585,6 +766,8 @@ class SimEngine:
             num_waiting_requests=len(waiting),
             scheduler_running_to_decode_requests_num=self._dec_count + len(pf_to_decode),
             num_running_requests=len(self._running),
+            num_loading_requests=len(self._arrived) + len(self._reserved),
+            num_tokens_loading_requests=loading_tokens,
             num_total_gpu_tokens=self.pool.num_blocks * bs,
             num_used_gpu_tokens=used_blocks * bs,
             num_uncomputed_tokens_scheduler_waiting_prefills=waiting_uncomputed,

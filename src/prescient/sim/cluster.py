@@ -7,6 +7,14 @@ decision and when it goes idle; its llumlet pushes the newest one to the CMS eve
 poll read. Pushes between
 two polls overwrite each other, so only the last push before each poll is simulated (a
 `capture` event), which gives the same view at a fraction of the events.
+
+With `--enable-rescheduling`, a rescheduler reads that same view every
+`--rescheduling-interval-ms` and its plans run on the engines (`sim/migration.py`). Instances
+can fail mid-run (`SimSettings.failures`): a crashed one stops, its llumlet with it (its status
+goes stale, then its CMS key expires), and the gateway, as the live one does, avoids it once a
+connection is refused and replays the streams it cut on other instances (prompt plus the tokens
+streamed so far); a draining one reports itself unschedulable and keeps serving while the
+failover policies move its requests away.
 """
 
 from __future__ import annotations
@@ -25,9 +33,14 @@ from prescient.model import InstanceMetadata, InstanceStatus, Request
 from prescient.policy import Dispatcher, make_dispatcher
 from prescient.predict.output_length import make_output_predictor
 from prescient.predict.slo import SloLatencyModel
+from prescient.rescheduler import MigrationSettings, Rescheduler, make_rescheduler
 from prescient.sim.loop import EventLoop, Order
+from prescient.sim.migration import MigrationRecord, Migrator
 from prescient.sim.oracle import oracle_policy
 from prescient.sim.records import LoadSample, RequestRecord
+
+GATEWAY_FAILED_COOLDOWN_S = 5.0  # the live gateway avoids a refusing instance this long
+LOST = "instance failed"  # why a request cut by a failure without replay counts as lost
 
 
 class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +59,15 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     aging_tokens_per_s: float = 100.0
 
 
+class Failure(msgspec.Struct, frozen=True, kw_only=True):
+    """An instance that fails at `at_s`: `crash` (engine and llumlet die) or `drain` (it reports
+    itself unschedulable and keeps serving: upstream's pre-stop)."""
+
+    instance_id: str
+    at_s: float
+    kind: Literal["crash", "drain"] = "crash"
+
+
 class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     """How the simulation observes and samples the cluster. Times in seconds."""
 
@@ -56,6 +78,10 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     wait_scheduling_timeout_s: float = 5.0  # ...for this long, then fail the request
     output_length_predictor: str = "none"  # none | oracle | lognormal:sigma=S | histogram
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
+    migration: MigrationSettings = msgspec.field(default_factory=MigrationSettings)
+    failures: tuple[Failure, ...] = ()
+    gateway_replay: bool = True  # replay streams a failed instance cut (else they are lost)
+    cms_expired_time_s: float = 100.0  # LLUMNIX_CMS_EXPIRED_TIME: a dead llumlet's keys' TTL
 
     def __post_init__(self) -> None:
         for name in ("status_push_interval_s", "load_sample_interval_s",
@@ -74,6 +100,9 @@ class SimResult(msgspec.Struct, kw_only=True):
     load: list[LoadSample]
     num_steps: int  # engine steps simulated, all instances
     sim_time_s: float  # simulated seconds until the last request finished
+    migrations: list[MigrationRecord] = msgspec.field(default_factory=list)
+    num_refused_migrations: int = 0  # plans refused (no free slot, a dead instance)
+    num_replayed: int = 0  # streams replayed after a failure cut them
 
 
 def build_engines(instances: Sequence[InstanceSpec]) -> dict[str, SimEngine]:
@@ -132,16 +161,34 @@ class ClusterSim:
                 max_num_batched_tokens=e.config.max_num_batched_tokens)
             for iid, e in self.engines.items()
         }, 0.0)
-        self._pushed: dict[str, InstanceStatus] = {}  # llumlet pushes since the last poll
+        # llumlet pushes since the last poll (None: the CMS key expired)
+        self._pushed: dict[str, InstanceStatus | None] = {}
         self._push_phase = {iid: rng.uniform(0, settings.status_push_interval_s)
                             for iid in self.engines}
         self.output_predictor = make_output_predictor(
             settings.output_length_predictor, random.Random(rng.getrandbits(64)))
-        self._step_end: dict[str, float] = {}
+        # per engine: the end of its step in flight and the number of the event that ends it (a
+        # run cut short and resumed can end at the very time the superseded event was set for)
+        self._step_end: dict[str, tuple[float, int]] = {}
+        self._num_step_events = 0
         self._records: dict[str, RequestRecord] = {}
         self._load: list[LoadSample] = []
         self._num_open = len(self.requests)
         self._progress = progress
+        self._boundary_ops: dict[str, list[Callable[[], None]]] = {i: [] for i in self.engines}
+        self._at_boundary: set[str] = set()  # engines running their boundary ops right now
+        self.rescheduler: Rescheduler | None = None
+        flags = settings.scheduler
+        if flags.enable_rescheduling and flags.enable_full_mode_scheduling:
+            self.rescheduler = make_rescheduler(
+                flags, random.Random(rng.getrandbits(64)), slo_model=slo_model)
+        kv_bytes = {s.instance_id: get_preset(s.preset).kv_bytes_per_token for s in instances}
+        self.migrator = Migrator(self, self.engines, kv_bytes, settings.migration)
+        self._dead: set[str] = set()  # crashed instances
+        self._draining: set[str] = set()  # instances reporting themselves unschedulable
+        self._refusing: dict[str, float] = {}  # gateway: avoid this instance until (time)
+        self._rr = 0  # gateway round-robin position, for its fallback
+        self._num_replayed = 0
 
     def run(self) -> SimResult:
         self._next_arrival(0)
@@ -149,13 +196,63 @@ class ClusterSim:
             self.loop.at(0.0, Order.CAPTURE, self._capture, iid)
         self.loop.at(0.0, Order.POLL, self._poll)
         self.loop.at(0.0, Order.SAMPLE, self._sample)
+        if self.rescheduler is not None:
+            self.loop.at(self._rescheduling_interval, Order.ARRIVAL, self._reschedule)
+        for failure in self.settings.failures:
+            if failure.instance_id not in self.engines:
+                raise ConfigError(f"failure of unknown instance {failure.instance_id!r}")
+            self.loop.at(failure.at_s, Order.ARRIVAL, self._fail, failure)
         if self._num_open:
             self.loop.run(stop=lambda: self._num_open == 0)
         records = [self._records[r.request_id] for r in self.requests]
         return SimResult(
             policy=self.policy.name, records=records, load=self._load,
             num_steps=sum(e.num_steps for e in self.engines.values()), sim_time_s=self.loop.now,
+            migrations=self.migrator.records, num_refused_migrations=self.migrator.num_refused,
+            num_replayed=self._num_replayed,
         )
+
+    # ---- the migration host (sim/migration.py) -------------------------------------------
+
+    @property
+    def now(self) -> float:
+        return self.loop.now
+
+    def at_boundary(self, iid: str, op: Callable[[], None]) -> None:
+        """Run `op` between two of the engine's steps: now if it is idle, else at the end of
+        the step in flight (a decode run is cut short there, as for an arrival)."""
+        if iid in self._dead:
+            return
+        engine = self.engines[iid]
+        if not engine.busy:
+            op()
+            self._start(iid)
+            return
+        self._boundary_ops[iid].append(op)
+        end = engine.interrupt(self.loop.now, force=True)
+        if end != self._step_end[iid][0]:
+            self._schedule_step_end(iid, end)
+
+    def after(self, delay: float, op: Callable[[], None]) -> None:
+        self.loop.at(self.loop.now + delay, Order.ARRIVAL, op)
+
+    def alive(self, iid: str) -> bool:
+        return iid not in self._dead
+
+    def lost_in_transit(self, req: EngineRequest) -> None:
+        self._cut(req, req.num_output)
+
+    @property
+    def _rescheduling_interval(self) -> float:
+        return self.settings.scheduler.rescheduling_interval_ms / 1000.0
+
+    def _reschedule(self) -> None:
+        """One rescheduling round over the dispatcher's (polled, stale) view."""
+        assert self.rescheduler is not None
+        for plan in self.rescheduler.plan(self.policy.state, self.loop.now):
+            self.migrator.execute(plan)
+        self.loop.at(self.loop.now + self._rescheduling_interval, Order.ARRIVAL,
+                     self._reschedule)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -188,6 +285,10 @@ class ClusterSim:
             else:
                 self._reject(record, "no available instance")
             return
+        if iid in self._dead or self._refusing.get(iid, -1.0) > now:
+            iid = self._gateway_fallback(req)
+            if iid is None:
+                return
         record.instance_id = iid
         engine = self.engines[iid]
         refused = engine.add_request(req, now)
@@ -196,39 +297,62 @@ class ClusterSim:
             self._reject(record, refused)
         elif engine.busy:
             end = engine.interrupt(now)
-            if end != self._step_end[iid]:
+            if end != self._step_end[iid][0]:
                 self._schedule_step_end(iid, end)
         else:
             self._start(iid)
+
+    def _gateway_fallback(self, req: Request) -> str | None:
+        """The scheduler named a dead instance: as the live gateway, the connection is refused,
+        the scheduler's account released, the instance avoided for a while, and another one
+        taken round-robin (None: none left; the request is retried later)."""
+        now = self.loop.now
+        self.policy.release(req.request_id, now)
+        ids = sorted(self.engines)
+        for _ in range(len(ids)):
+            self._rr += 1
+            iid = ids[self._rr % len(ids)]
+            if iid in self._dead:
+                self._refusing[iid] = now + GATEWAY_FAILED_COOLDOWN_S
+            elif self._refusing.get(iid, -1.0) <= now:
+                return iid
+        self.loop.at(now + self.settings.wait_scheduling_retry_interval_s, Order.ARRIVAL,
+                     self._dispatch, req)
+        return None
 
     def _reject(self, record: RequestRecord, why: str) -> None:
         record.rejected = why
         self._num_open -= 1
 
     def _start(self, iid: str) -> None:
+        if iid in self._dead or iid in self._at_boundary or self.engines[iid].busy:
+            return  # (an engine at its boundary starts once all its boundary ops ran)
         end = self.engines[iid].start_step(self.loop.now)
         if end is not None:
             self._schedule_step_end(iid, end)
 
     def _schedule_step_end(self, iid: str, end: float) -> None:
-        self._step_end[iid] = end
-        self.loop.at(end, Order.STEP_END, self._on_step_end, iid, end)
+        self._num_step_events += 1
+        self._step_end[iid] = (end, self._num_step_events)
+        self.loop.at(end, Order.STEP_END, self._on_step_end, iid, self._step_end[iid])
 
-    def _on_step_end(self, iid: str, end: float) -> None:
-        if self._step_end.get(iid) != end:
-            return  # superseded by an interrupt
+    def _on_step_end(self, iid: str, event: tuple[float, int]) -> None:
+        if self._step_end.get(iid) != event or iid in self._dead:
+            return  # superseded by an interrupt, or the instance died
         outcome = self.engines[iid].complete_step()
         for req in outcome.finished:
             self._finish(req)
+        ops, self._boundary_ops[iid] = self._boundary_ops[iid], []
+        self._at_boundary.add(iid)
+        for op in ops:
+            op()
+        self._at_boundary.discard(iid)
         self._start(iid)
 
     def _finish(self, req: EngineRequest) -> None:
         record = self._records[req.request_id]
-        record.first_scheduled_time = req.first_scheduled_time
-        record.first_token_time = req.first_token_time
+        _merge_timings(record, req)
         record.finish_time = req.finish_time
-        record.num_preemptions = req.num_preemptions
-        record.num_cached_tokens = req.num_cached_tokens
         self.policy.release(req.request_id, self.loop.now)
         if self.output_predictor is not None:
             self.output_predictor.observe(req.request, req.num_output)
@@ -252,12 +376,19 @@ class ClusterSim:
                 self.loop.at(last_push, Order.CAPTURE, self._capture, iid)
 
     def _capture(self, iid: str) -> None:
+        if iid in self._dead:
+            return  # its llumlet died with it: no more pushes
         now = self.loop.now
-        self._pushed[iid] = self.engines[iid].snapshot(now, round(now * 1000))
+        status = self.engines[iid].snapshot(now, round(now * 1000))
+        if iid in self._draining:
+            status.schedulable = False
+        self._pushed[iid] = status
 
     def _sample(self) -> None:
         now = self.loop.now
         for iid, engine in self.engines.items():
+            if iid in self._dead:
+                continue
             st = engine.snapshot(now, 0)
             usage = st.num_used_gpu_tokens / st.num_total_gpu_tokens
             self._load.append(LoadSample(now, iid, st.num_running_requests,
@@ -265,6 +396,61 @@ class ClusterSim:
         if self._progress is not None:
             self._progress(now)
         self.loop.at(now + self.settings.load_sample_interval_s, Order.SAMPLE, self._sample)
+
+
+    # ---- failures ------------------------------------------------------------------------
+
+    def _fail(self, failure: Failure) -> None:
+        iid = failure.instance_id
+        if failure.kind == "drain":
+            self._draining.add(iid)
+            return
+        now = self.loop.now
+        engine = self.engines[iid]
+        cut = [(req, engine.num_output_tokens(req.request_id, now))
+               for req in engine.live_requests()]
+        self._dead.add(iid)
+        self._boundary_ops[iid] = []
+        self._step_end.pop(iid, None)
+        self._pushed.pop(iid, None)
+        self.migrator.on_crash(iid)
+        for req, streamed in cut:
+            self._cut(req, streamed)
+        # the CMS forgets the instance when its keys' TTL runs out
+        self.loop.at(now + self.settings.cms_expired_time_s, Order.CAPTURE,
+                     self._expire_status, iid)
+
+    def _expire_status(self, iid: str) -> None:
+        self._pushed[iid] = None
+
+    def _cut(self, req: EngineRequest, streamed: int) -> None:
+        """A failure cut `req`'s stream after `streamed` tokens: replay it, or count it lost."""
+        now = self.loop.now
+        record = self._records[req.request_id]
+        _merge_timings(record, req)
+        self.policy.release(req.request_id, now)
+        if not self.settings.gateway_replay:
+            self._reject(record, LOST)
+            return
+        self._num_replayed += 1
+        original = req.request  # (after an earlier replay: that replay's request)
+        replay = msgspec.structs.replace(original, arrival_time=now)
+        if streamed:
+            replay = msgspec.structs.replace(
+                replay, prompt_len=original.prompt_len + streamed,
+                output_len=original.output_len - streamed, prompt_token_ids=None)
+        self._dispatch(replay)
+
+
+def _merge_timings(record: RequestRecord, req: EngineRequest) -> None:
+    """Fold an engine's view of a request into its record; a replayed request's record keeps
+    its first attempt's first token and adds up preemptions."""
+    if record.first_scheduled_time is None:
+        record.first_scheduled_time = req.first_scheduled_time
+        record.num_cached_tokens = req.num_cached_tokens
+    if record.first_token_time is None:
+        record.first_token_time = req.first_token_time
+    record.num_preemptions += req.num_preemptions
 
 
 def simulate(

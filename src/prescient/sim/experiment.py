@@ -14,7 +14,7 @@ from prescient.model import Request
 from prescient.policy import POLICIES
 from prescient.predict.slo import SloLatencyModel
 from prescient.profiling import read_slo_model
-from prescient.sim.cluster import InstanceSpec, SimResult, SimSettings, simulate
+from prescient.sim.cluster import Failure, InstanceSpec, SimResult, SimSettings, simulate
 from prescient.sim.metrics import SloSpec, Summary, summarize
 from prescient.sim.scenario import Scenario
 from prescient.sim.traces import load_trace
@@ -111,7 +111,24 @@ def sim_settings(scenario: Scenario) -> SimSettings:
         load_sample_interval_s=o.load_sample_interval_ms / 1000,
         scheduler=scenario.scheduler,
         output_length_predictor=scenario.output_length_predictor,
+        migration=scenario.migration,
+        failures=failures(scenario),
+        gateway_replay=scenario.cluster.gateway_replay,
     )
+
+
+def failures(scenario: Scenario) -> tuple[Failure, ...]:
+    """The scenario's instance failures, by the instance ids `instance_specs` gives."""
+    specs = instance_specs(scenario)
+    out = []
+    for f in scenario.cluster.failures:
+        if not 0 <= f.instance < len(specs):
+            raise ConfigError(f"cluster.failures: instance {f.instance} does not exist "
+                              f"(the cluster has {len(specs)}, numbered from 0)")
+        if f.at_s < 0:
+            raise ConfigError(f"cluster.failures: at_s must be >= 0, got {f.at_s}")
+        out.append(Failure(instance_id=specs[f.instance].instance_id, at_s=f.at_s, kind=f.kind))
+    return tuple(out)
 
 
 def slo_spec(scenario: Scenario) -> SloSpec:
@@ -143,7 +160,10 @@ def run_policy(
     scenario: Scenario, requests: Sequence[Request], policy: str,
     progress: Callable[[float], None] | None = None,
 ) -> SimResult:
-    model = slo_model(scenario) if policy in PROFILED_POLICIES else None
+    s = scenario.scheduler
+    binpacking = any(p.startswith("binpacking") for p in s.rescheduling_policies)
+    needs_profiles = policy in PROFILED_POLICIES or (s.enable_rescheduling and binpacking)
+    model = slo_model(scenario) if needs_profiles else None
     return simulate(requests, instance_specs(scenario), policy, sim_settings(scenario), progress,
                     model)
 

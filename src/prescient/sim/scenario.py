@@ -21,11 +21,21 @@ workload:
   num_requests: null
   warmup_s: 10.0               # excluded from the statistics
   cooldown_s: 10.0
+  failures: []                 # e.g. [{instance: 3, at_s: 60, kind: crash}] (or drain)
+  gateway_replay: true         # the gateway replays streams a crash cut; false: they are lost
 slo: {ttft_ms: 6000, tpot_ms: 50}
 observation: {status_push_interval_ms: 40}
+migration:                     # the KV link and protocol limits (rescheduling)
+  bandwidth_gb_s: 25.0
+  rpc_latency_ms: 1.0
+  last_stage_max_blocks: 4
+  max_stages: 3
+  max_req_mig_out: 1           # LLUMNIX_MAX_REQ_MIG_OUT
+  max_req_mig_in: 1            # LLUMNIX_MAX_REQ_MIG_IN
 scheduler:                     # any `prescient scheduler` flag, snake or kebab case
   cms_pull_status_interval_ms: 500
   dispatch_neutral_load_metric: all_prefills_tokens_num
+  enable_rescheduling: false   # with rescheduling_policies, rescheduling_interval_ms, ...
 ```
 """
 
@@ -41,6 +51,7 @@ import yaml
 from prescient.config.scheduler import SchedulerSettings
 from prescient.config.settings import settings_from_mapping
 from prescient.errors import ConfigError
+from prescient.rescheduler import MigrationSettings
 
 DEFAULT_POLICIES = ("round-robin", "random", "least-requests", "power-of-two", "llm-d",
                     "load-balance", "oracle")
@@ -51,6 +62,15 @@ class InstanceGroup(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     count: int
     preset: str = "llama3-8b-h100"
+
+
+class FailureConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Instance number `instance` (inst-03 is 3) fails `at_s` seconds into the run."""
+
+    instance: int
+    at_s: float
+    kind: Literal["crash", "drain"] = "crash"  # crash: engine and llumlet die; drain: it
+    # reports itself unschedulable and keeps serving (pre-stop; failover policies move it out)
 
 
 class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,6 +90,8 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batching: Literal["vllm", "lens"] = "vllm"  # engines' token budget: fixed, or LENS
     queue_policy: Literal["fcfs", "spf"] = "fcfs"  # engines' waiting order (spf: shortest
     aging_tokens_per_s: float = 100.0              # predicted output first, with aging)
+    failures: tuple[FailureConfig, ...] = ()
+    gateway_replay: bool = True  # replay streams a crashed instance cut (else: lost)
 
 
 class SyntheticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -123,6 +145,7 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workload: WorkloadConfig = WorkloadConfig(rate_scale=20.0)  # the built-in default run
     slo: SloConfig = SloConfig()
     observation: ObservationConfig = ObservationConfig()
+    migration: MigrationSettings = MigrationSettings()
     scheduler: SchedulerSettings = SchedulerSettings()  # the policies' flags, snake_case keys
     # the router's output-length predictor: none | oracle | lognormal:sigma=S | histogram
     output_length_predictor: str = "none"

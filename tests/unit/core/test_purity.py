@@ -9,7 +9,7 @@ from pathlib import Path
 
 import prescient
 
-CORE_PACKAGES = ("model", "engine", "policy", "predict")
+CORE_PACKAGES = ("model", "engine", "policy", "predict", "rescheduler")
 # cms is only partly core: the view and the record codec are pure; the store, the Redis store
 # and the reader do I/O. The generated protobuf module (cms/proto) is not ours to scan.
 CORE_MODULES = ("cms", "cms.view", "cms.codec")
