@@ -225,11 +225,14 @@ def _engine_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
         if value not in ("0", "1", "true", "false"):
             raise ConfigError(f"LLUMNIX_ENABLE_PROFILING must be 0 or 1, got {value!r}")
         _set(data, "cluster.enable_profiling", value in ("1", "true"))
-    if "LLUMNIX_PROFILING_STEPS" in env:
-        value = env["LLUMNIX_PROFILING_STEPS"].strip()
-        if not value.isdigit():
-            raise ConfigError(f"LLUMNIX_PROFILING_STEPS must be a whole number, got {value!r}")
-        _set(data, "cluster.profiling_steps", int(value))
+    for name, key in (("LLUMNIX_PROFILING_STEPS", "cluster.profiling_steps"),
+                      ("LLUMNIX_MAX_REQ_MIG_IN", "migration.max_req_mig_in"),
+                      ("LLUMNIX_MAX_REQ_MIG_OUT", "migration.max_req_mig_out")):
+        if name in env:
+            value = env[name].strip()
+            if not value.isdigit():
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            _set(data, key, int(value))
 
 
 def _validate(s: Scenario) -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TINY = ["--duration", "15", "--warmup", "2", "--cooldown", "2", "--instances", "2",
         "--rate-scale", "4", "--policy", "round-robin,least-requests,oracle"]
 
@@ -86,3 +88,14 @@ def test_synthetic_flags_pick_the_synthetic_workload_at_its_own_rate() -> None:
     (summary,) = json.loads(out.stdout)
     assert summary["num_requests"] == 300  # the generator made 300, not the default 2,000
     assert 50 < summary["duration_s"] < 70  # 300 requests at 5 req/s, not compressed 20x
+
+
+def test_engine_environment_variables_are_checked(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from prescient.cli import main
+
+    for name in ("LLUMNIX_PROFILING_STEPS", "LLUMNIX_MAX_REQ_MIG_IN", "LLUMNIX_MAX_REQ_MIG_OUT"):
+        monkeypatch.setenv(name, "x")
+        assert main(["simulate"]) == 2
+        assert f"{name} must be a whole number, got 'x'" in capsys.readouterr().err
+        monkeypatch.delenv(name)
