@@ -73,6 +73,17 @@ class GatewaySettings(ClusterSettings, frozen=True, kw_only=True, forbid_unknown
         "scheduler's policy (dispatch metrics, thresholds, ...); this gateway's scheduling, "
         "discovery and CMS flags override its values.", metavar="PATH")] = ""
 
+    pd_disagg_protocol: Annotated[Literal["", "vllm-kvt", "vllm-mooncake"], Setting(
+        SCHEDULING, "Prefill/decode disaggregation: each request is prefilled on a prefill "
+        "instance (max_tokens=1, kv_transfer_params.do_remote_decode) and decoded on a decode "
+        "instance given the prefill's kv_transfer_params. Empty: no disaggregation. vllm-kvt "
+        "also names the prefill instance's KV-transfer address; it needs "
+        "--separate-pd-scheduling.")] = ""
+    separate_pd_scheduling: Annotated[bool, Setting(
+        SCHEDULING, "With --pd-disagg-protocol: schedule the decode instance only after the "
+        "prefill finished (pd_staged), so it lands on the then least-loaded one; false: both "
+        "in one scheduling call (pd_batch).")] = False
+
     # --- Retries and waiting ---
     wait_scheduling_timeout: Annotated[float, Setting(
         RETRY, "How long a request waits for an instance while the scheduler answers 'none "
@@ -137,6 +148,22 @@ class GatewaySettings(ClusterSettings, frozen=True, kw_only=True, forbid_unknown
         if self.scheduling_policy == "round-robin" and self.scheduler_endpoints:
             raise ConfigError("--scheduling-policy round-robin schedules in the gateway; "
                               "--scheduler-endpoints would be ignored")
+        self._check_pd()
+
+    def _check_pd(self) -> None:
+        if self.separate_pd_scheduling and not self.pd_disagg_protocol:
+            raise ConfigError("--separate-pd-scheduling needs --pd-disagg-protocol "
+                              "(vllm-kvt or vllm-mooncake)")
+        if not self.pd_disagg_protocol:
+            return
+        if self.pd_disagg_protocol == "vllm-kvt" and not self.separate_pd_scheduling:
+            # upstream's batch vllm-kvt sends only the decode request and lets the KV
+            # connector drive the prefill remotely; no engine here plays that part
+            raise ConfigError("--pd-disagg-protocol vllm-kvt needs --separate-pd-scheduling "
+                              "(its single-stage batch mode is not supported)")
+        if self.scheduling_policy == "round-robin":
+            raise ConfigError("--pd-disagg-protocol needs a scheduler: --scheduling-policy "
+                              "round-robin does not pick prefill and decode instances")
 
     @property
     def discovery_kind(self) -> Literal["redis", "etcd", "endpoints"]:

@@ -88,6 +88,12 @@ class SimEngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     profiling_steps: Annotated[int, Setting(
         ENGINE, "Profiling samples exported at most (LLUMNIX_PROFILING_STEPS).", ge=1)] = 50
 
+    kv_transfer_bandwidth_gb_s: Annotated[float, Setting(
+        ENGINE, "P/D disaggregation: a decode instance given a request with "
+        "kv_transfer_params.do_remote_prefill waits for the prompt's KV (the preset's bytes "
+        "per token) to cross a link this fast, GB/s (25: 200 Gb/s RDMA), instead of "
+        "prefilling it.", gt=0)] = 25.0
+
     # --- Llumlet ---
     enable_llumlet: Annotated[bool, Setting(
         LLUMLET, "Register in the CMS and push statuses there, as a Llumnix llumlet.")] = False

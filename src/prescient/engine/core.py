@@ -111,6 +111,9 @@ class SimEngine:
         self._migrating_out: set[str] = set()
         self._reserved: dict[str, int] = {}
         self._arrived: dict[str, EngineRequest] = {}
+        # P/D disaggregation: waiting requests whose prompt KV (all but the last token) came
+        # from a prefill instance; they compute only the last token when admitted
+        self._external: dict[str, int] = {}
 
     # ---- public surface -------------------------------------------------------------------
 
@@ -127,8 +130,14 @@ class SimEngine:
     def num_steps(self) -> int:
         return self._step
 
-    def add_request(self, request: Request, now: float) -> str:
-        """Queue a request. Returns "" or why it was refused (it could never run here)."""
+    def add_request(self, request: Request, now: float, *, prefilled: bool = False) -> str:
+        """Queue a request. Returns "" or why it was refused (it could never run here).
+
+        `prefilled`: its prompt's KV was computed elsewhere and arrives with it (a decode
+        instance under P/D disaggregation): at admission only the last prompt token is computed,
+        as vLLM recomputes it for the first token's logits. A preemption loses the KV; the
+        request then recomputes its whole prompt, as vLLM does.
+        """
         total = request.prompt_len + request.output_len
         if request.request_id in self._live:
             return f"request id {request.request_id!r} is already queued or running"
@@ -139,6 +148,8 @@ class SimEngine:
         req = EngineRequest(request, now, self._coverage_blocks(request))
         self._waiting.append(req)
         self._live[request.request_id] = req
+        if prefilled and request.prompt_len > 1:
+            self._external[request.request_id] = request.prompt_len - 1
         self._seen.append((self._num_added, now, request.request_id))
         self._num_added += 1
         return ""
@@ -218,6 +229,7 @@ class SimEngine:
             self._release(req)
         else:
             self._waiting.remove(req)
+            self._external.pop(request_id, None)
         req.finish_time = now
         if not self.has_work:
             self._num_updates += 1  # the idle status
@@ -515,16 +527,19 @@ class SimEngine:
         while waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
             req = waiting[0]
             hit, hit_free = self._prefix_hit(req)
-            n = min(req.num_tokens - hit * bs, budget)
-            need = -(-(hit * bs + n) // bs) - hit
+            # KV present: cached blocks, or (P/D) the prompt transferred from a prefill instance
+            present = max(hit * bs, self._external.get(req.request_id, 0))
+            n = min(req.num_tokens - present, budget)
+            need = -(-(present + n) // bs) - hit
             if need + hit_free > pool.num_free - dec_need - self._watermark_blocks:
                 break
             waiting.popleft()
+            self._external.pop(req.request_id, None)
             pool.acquire(req.hashes[:hit])
             pool.allocate(need)
             req.owned = list(req.hashes[:hit])
             req.num_blocks = hit + need
-            req.num_computed = hit * bs
+            req.num_computed = present
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
                 req.num_cached_tokens = hit * bs
@@ -744,8 +759,9 @@ class SimEngine:
         bs = self._bs
         waiting = list(islice(self._waiting, num_waiting))
         waiting_tokens = sum(r.num_tokens for r in waiting)
-        waiting_uncomputed = waiting_tokens - bs * sum(
-            self._prefix_hit(r)[0] for r in waiting if r.coverage_blocks)
+        waiting_uncomputed = waiting_tokens - sum(
+            max(bs * self._prefix_hit(r)[0] if r.coverage_blocks else 0,
+                self._external.get(r.request_id, 0)) for r in waiting)
         to_decode = [r for r in waiting if r.request.output_len > 1]
         prefill_left = sum(r.num_tokens - r.num_computed for r in self._prefilling)
         pf_to_decode = [r for r in self._prefilling if r.request.output_len > 1]

@@ -21,6 +21,7 @@ from prescient.discovery.base import Resolver
 from prescient.gateway.balancer import Balancer
 from prescient.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from prescient.gateway.parse import Kind, parse_request
+from prescient.gateway.pd import PdForwarder
 from prescient.gateway.proxy import CLIENT_GONE, Proxy
 from prescient.http.client import UpstreamError, UpstreamPool
 from prescient.http.server import Request, Response, Router, serve
@@ -70,6 +71,9 @@ class Gateway:
             connect_timeout=settings.connect_timeout,
             full_mode=settings.enable_full_mode_scheduling, scheduler=scheduler,
             report_interval_s=settings.requests_report_duration, clock=clock)
+        self.pd = (PdForwarder(self.proxy, settings.pd_disagg_protocol,
+                               staged=settings.separate_pd_scheduling)
+                   if settings.pd_disagg_protocol else None)
         self._served = frozenset(settings.served_model_name)
         self._forward_tokens = settings.forward_tokens
         self._max_model_len = settings.max_model_len
@@ -144,7 +148,8 @@ class Gateway:
             prompt_token_ids=ids if self._forward_tokens else None)
         metrics.in_flight += 1
         try:
-            status = await self.proxy.forward(request, response, schedule, parsed.stream, started)
+            forwarder = self.pd if self.pd is not None else self.proxy
+            status = await forwarder.forward(request, response, schedule, parsed.stream, started)
         finally:
             metrics.in_flight -= 1
         metrics.request_done(kind, status)

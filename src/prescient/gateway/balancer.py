@@ -66,6 +66,7 @@ class Balancer:
         self._clock = clock
         self._sleep = sleep
         self._rr = 0
+        self._rr_by_type: dict[str, int] = {}
         self._discovered: list[LLMInstance] = []
         self._known: dict[Address, LLMInstance] = {}  # every instance the scheduler named
         self._candidates: list[LLMInstance] | None = None  # cache of `candidates()`
@@ -91,21 +92,85 @@ class Balancer:
         except SchedulerUnavailableError:
             self.metrics.fallbacks += 1
             return self._round_robin(avoid), False
-        address = (instance.endpoint.host, instance.endpoint.port)
-        if address not in self._known:
-            self._known[address] = instance
-            self._candidates = None
-        if (address in avoid or address in self._failed) and self._avoidable(address, avoid):
+        self._remember(instance)
+        if self._avoided((instance.endpoint.host, instance.endpoint.port), avoid):
             other = self._alternative(avoid)
             if other is not None:
                 await self.release(request, instance)
                 return other, False
         return instance, True
 
-    async def release(self, request: ScheduleRequest, instance: LLMInstance) -> None:
-        """Drop the request's in-flight load from the scheduler's account."""
+    async def pick_legs(self, request: ScheduleRequest,
+                        avoid: Collection[Address] = ()) -> tuple[list[LLMInstance], bool]:
+        """P/D: every leg the request's mode asks for (prefill then decode for `pd_batch`, the
+        one stage of `pd_staged`), and whether the scheduler accounted them.
+
+        The fallback (no scheduler answer) and a leg on an avoided instance take each leg round
+        robin over the instances of its type.
+
+        Raises:
+            NoWorkerError: nothing available within the wait, or no instance of a leg's type.
+        """
+        if self.scheduler is None:
+            return self._round_robin_legs(request, avoid), False
+        try:
+            try:
+                placed = await self.scheduler.schedule(request)
+            except NoInstanceAvailableError:
+                placed = await self._wait_and_schedule_all(request)
+        except SchedulerUnavailableError:
+            self.metrics.fallbacks += 1
+            return self._round_robin_legs(request, avoid), False
+        for instance in placed:
+            self._remember(instance)
+        if any(self._avoided((i.endpoint.host, i.endpoint.port), avoid) for i in placed):
+            try:
+                others = self._round_robin_legs(request, avoid, skip_failed_only=True)
+            except NoWorkerError:
+                return placed, True
+            await self.release(request, *placed)
+            return others, False
+        return placed, True
+
+    def _remember(self, instance: LLMInstance) -> None:
+        address = (instance.endpoint.host, instance.endpoint.port)
+        if address not in self._known:
+            self._known[address] = instance
+            self._candidates = None
+
+    def _round_robin_legs(self, request: ScheduleRequest, avoid: Collection[Address], *,
+                          skip_failed_only: bool = False) -> list[LLMInstance]:
+        """One instance per leg, round robin over the candidates of the leg's type."""
+        types = (("prefill", "decode") if request.scheduling_mode == "pd_batch"
+                 else (request.scheduling_stage or "neutral",))
+        legs = []
+        for infer_type in types:
+            instance = self._alternative(avoid, infer_type=infer_type)
+            if instance is None and not skip_failed_only:
+                instance = self._alternative((), skip_failed=False, infer_type=infer_type)
+            if instance is None:
+                raise NoWorkerError(f"no available {infer_type} inference worker")
+            legs.append(instance)
+        return legs
+
+    async def _wait_and_schedule_all(self, request: ScheduleRequest) -> list[LLMInstance]:
+        """Ask again every `wait_interval_s` while none is available, until the timeout."""
+        assert self.scheduler is not None
+        deadline = self._clock() + self.wait_timeout_s
+        while self._clock() + self.wait_interval_s <= deadline:
+            await self._sleep(self.wait_interval_s)
+            try:
+                return await self.scheduler.schedule(request)
+            except NoInstanceAvailableError:
+                pass
+        raise NoWorkerError("no available inference worker")
+
+    async def release(self, request: ScheduleRequest, instance: LLMInstance,
+                      *others: LLMInstance) -> None:
+        """Drop the request's in-flight load (on `instance` and `others`) from the scheduler's
+        account."""
         if self.scheduler is not None:
-            request.scheduling_result = [instance]
+            request.scheduling_result = [instance, *others]
             await self.scheduler.release(request)
 
     def mark_failed(self, address: Address) -> None:
@@ -129,20 +194,16 @@ class Balancer:
     def _on_discovered(self, instances: Sequence[DiscoveredInstance]) -> None:
         self._discovered = [
             LLMInstance(id=d.instance_id, model=d.model, endpoint=Endpoint(d.host, d.port),
-                        dp_rank=d.dp_rank, dp_size=d.dp_size) for d in instances]
+                        infer_type=d.instance_type.value, aux_ip=d.kv_transfer_ip,
+                        aux_port=d.kv_transfer_port, dp_rank=d.dp_rank, dp_size=d.dp_size)
+            for d in instances]
         self._candidates = None
 
     async def _wait_and_schedule(self, request: ScheduleRequest) -> LLMInstance:
-        """Ask again every `wait_interval_s` while none is available, until the timeout."""
-        assert self.scheduler is not None
-        deadline = self._clock() + self.wait_timeout_s
-        while self._clock() + self.wait_interval_s <= deadline:
-            await self._sleep(self.wait_interval_s)
-            try:
-                return (await self.scheduler.schedule(request))[0]
-            except NoInstanceAvailableError:
-                pass
-        raise NoWorkerError("no available inference worker")
+        return (await self._wait_and_schedule_all(request))[0]
+
+    def _avoided(self, address: Address, avoid: Collection[Address]) -> bool:
+        return (address in avoid or address in self._failed) and self._avoidable(address, avoid)
 
     def _avoidable(self, address: Address, avoid: Collection[Address]) -> bool:
         """Still to be avoided (a cooldown that ran out is forgotten)."""
@@ -161,15 +222,24 @@ class Balancer:
             raise NoWorkerError("no available inference worker")
         return instance
 
-    def _alternative(self, avoid: Collection[Address], *,
-                     skip_failed: bool = True) -> LLMInstance | None:
-        """The next candidate, round robin, that is neither in `avoid` nor failed lately."""
+    def _alternative(self, avoid: Collection[Address], *, skip_failed: bool = True,
+                     infer_type: str = "") -> LLMInstance | None:
+        """The next candidate, round robin, that is neither in `avoid` nor failed lately (and
+        of `infer_type`, if given)."""
         candidates = self.candidates()
+        if infer_type:
+            candidates = [c for c in candidates if c.infer_type == infer_type]
+        if not candidates:
+            return None
         failed = self._failed if skip_failed else {}
         now = self._clock() if failed else 0.0
         for _ in range(len(candidates)):
-            self._rr += 1
-            instance = candidates[self._rr % len(candidates)]
+            if infer_type:  # a counter per type: P/D legs alternate prefill and decode picks
+                n = self._rr_by_type[infer_type] = self._rr_by_type.get(infer_type, 0) + 1
+            else:
+                self._rr += 1
+                n = self._rr
+            instance = candidates[n % len(candidates)]
             address = (instance.endpoint.host, instance.endpoint.port)
             if address not in avoid and failed.get(address, 0.0) <= now:
                 return instance

@@ -1,7 +1,8 @@
 """From a client's OpenAI request body to what the scheduler needs: model, stream, prompt tokens.
 
 The body is validated here (bad JSON or fields answer 400 before any scheduling) but never
-rewritten: the gateway forwards the client's bytes unchanged. Upstream Llumnix turns every
+rewritten: the gateway forwards the client's bytes unchanged (P/D disaggregation alone adds
+`kv_transfer_params` to its two legs, gateway/pd.py). Upstream Llumnix turns every
 request into a token-id `/v1/completions` call with `stream=true`; we keep the client's own
 route and body, which works for any OpenAI-compatible engine and keeps the response format the
 engine's. Tokenizing is for scheduling only: the prompt length (every load metric) and the token

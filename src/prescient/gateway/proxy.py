@@ -125,13 +125,15 @@ class Proxy:
 
     async def _attempt(self, request: Request, response: Response, instance: LLMInstance,
                        headers: list[tuple[str, str]], schedule: ScheduleRequest, stream: bool,
-                       started: float, final: bool) -> int | _Retry:
+                       started: float, final: bool, body: bytes | None = None) -> int | _Retry:
+        """One try on `instance` with the client's body (or `body`, a rewritten one)."""
         endpoint = instance.endpoint
         if request.is_disconnected:
             return _Retry("client_disconnect", "client left before forwarding")
         try:
             upstream = await self.pool.request(
-                endpoint.host, endpoint.port, "POST", request.path, headers, request.body,
+                endpoint.host, endpoint.port, "POST", request.path, headers,
+                request.body if body is None else body,
                 connect_timeout=self.connect_timeout, abort_when=request.disconnected)
         except UpstreamConnectError as e:
             self.balancer.mark_failed((endpoint.host, endpoint.port))

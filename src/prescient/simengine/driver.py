@@ -159,8 +159,10 @@ class RealtimeEngine:
         """The request was submitted and has not finished or been aborted."""
         return request_id in self._streams
 
-    def submit(self, request: Request) -> TokenStream:
+    def submit(self, request: Request, *, prefilled: bool = False) -> TokenStream:
         """Queue `request`; its tokens arrive on the returned stream.
+
+        `prefilled`: its prompt's KV arrived from a prefill instance (`SimEngine.add_request`).
 
         Raises:
             ValueError: the engine refuses it (longer than max_model_len or the KV cache, or
@@ -170,7 +172,7 @@ class RealtimeEngine:
         if self.error is not None:
             raise RuntimeError(f"the engine failed: {self.error!r}")
         now = self.now()
-        refusal = self.engine.add_request(request, now)
+        refusal = self.engine.add_request(request, now, prefilled=prefilled)
         if refusal:
             raise ValueError(refusal)
         stream = TokenStream(request, now, self._vocabulary)

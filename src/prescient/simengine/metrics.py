@@ -88,6 +88,15 @@ class EngineMetrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request "
                              "latency in seconds.", names, buckets=_E2E_BUCKETS,
                              registry=reg).labels(**labels)
+        # P/D disaggregation: prompt tokens whose KV arrived from a prefill instance (not
+        # computed here), and the requests that brought it
+        self.kv_received_tokens = Counter(
+            "prescient:kv_transfer_received_tokens", "Prompt tokens whose KV arrived from a "
+            "prefill instance instead of being computed here.", names, registry=reg
+        ).labels(**labels)
+        self.kv_received_requests = Counter(
+            "prescient:kv_transfer_received_requests", "Requests whose prompt KV arrived from "
+            "a prefill instance.", names, registry=reg).labels(**labels)
         cache_config = {"block_size": str(block_size), "num_gpu_blocks": str(num_gpu_blocks),
                         "enable_prefix_caching": str(enable_prefix_caching)}
         reg.register(_EngineGauges(labels, snapshot, cache_config))
@@ -96,6 +105,11 @@ class EngineMetrics:
         """A request's prefill finished: its prompt counts as processed."""
         self.prompt_tokens.inc(prompt_tokens)
         self.ttft.observe(ttft_s)
+
+    def kv_received(self, tokens: int) -> None:
+        """A request's prompt KV (`tokens` of it) arrives from a prefill instance."""
+        self.kv_received_requests.inc()
+        self.kv_received_tokens.inc(tokens)
 
     def tokens(self, n: int, gap_s: float | None) -> None:
         """`n` tokens arrived, `gap_s` after the previous ones (None: the first batch)."""

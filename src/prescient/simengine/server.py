@@ -9,6 +9,10 @@ tell the difference by the wire. Endpoints and behaviour follow vLLM's server
     GET  /v1/models, /health, /metrics           vLLM's metric names (simengine/metrics.py)
     POST /tokenize, /detokenize                  vLLM's shapes
 
+P/D disaggregation follows vLLM's `kv_transfer_params` convention (simengine/pd.py): a
+`do_remote_decode` request's non-streamed answer carries the parameters for the decode leg; a
+`do_remote_prefill` request waits a modelled KV transfer and skips its prompt's prefill.
+
 Generated tokens are pseudo-text drawn from the tokenizer's common-word ids, seeded by the
 request id, so a retried request gets the same text. Every request generates exactly its
 `max_tokens` (finish_reason "length"; `ignore_eos` is accepted and changes nothing). Without
@@ -51,6 +55,12 @@ from prescient.openai_api import (
 )
 from prescient.simengine.driver import FINISH_ABORT, RealtimeEngine, TokenStream
 from prescient.simengine.metrics import CONTENT_TYPE, EngineMetrics
+from prescient.simengine.pd import (
+    prefill_answer,
+    read_kv_transfer,
+    transfer_time_s,
+    with_kv_transfer,
+)
 from prescient.simengine.responses import Detokenizer, Reply
 from prescient.tokenizer import ApproxTokenizer, HfTokenizer, load_tokenizer
 
@@ -112,6 +122,7 @@ class SimEngineServer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
             settings.tokenizer)
         self.engine = make_engine(settings)
+        self.kv_bytes_per_token = get_preset(settings.preset).kv_bytes_per_token
         # statuses cost a snapshot per step: compute them only for a llumlet
         on_status = self._on_status if settings.enable_llumlet else None
         self.driver = RealtimeEngine(self.engine, time_scale=settings.time_scale,
@@ -190,20 +201,28 @@ class SimEngineServer:
 
     async def _generate(self, request: web.Request,
                         kind: Literal["completion", "chat"]) -> web.StreamResponse:
-        api = decode_request(await request.read(), kind)
+        raw = await request.read()
+        api = decode_request(raw, kind)
         self._check_model(api.model)
         prompt = self._prompt_ids(api)
         max_tokens = self._max_tokens(api.limit(), len(prompt))
         base_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        kv = read_kv_transfer(raw)
+        prefilled = kv is not None and kv.do_remote_prefill
+        if prefilled:
+            await self._receive_kv(len(prompt))
         engine_id = self._unique_id(base_id)
         try:
             stream = self.driver.submit(Request(
                 request_id=engine_id, prompt_len=len(prompt), output_len=max_tokens,
-                prompt_token_ids=tuple(prompt), arrival_time=self.driver.now()))
+                prompt_token_ids=tuple(prompt), arrival_time=self.driver.now()),
+                prefilled=prefilled)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         except RuntimeError as e:
             raise ApiError(503, str(e), type="ServiceUnavailableError") from None
+        if prefilled:  # all but the last prompt token (recomputed for the first token's logits)
+            self.metrics.kv_received(max(0, len(prompt) - 1))
         reply = Reply(kind, base_id, self.settings.model, len(prompt))
         try:
             if api.stream:
@@ -212,13 +231,26 @@ class SimEngineServer:
                                           usage=bool(options and options.include_usage),
                                           continuous=bool(options and
                                                           options.continuous_usage_stats))
-            return await self._collect(stream, reply)
+            kv_answer = None
+            if kv is not None and kv.do_remote_decode:
+                kv_answer = prefill_answer(
+                    self.settings.resolved_instance_id, self.settings.advertise_host,
+                    self.settings.port, len(prompt), self.engine.config.block_size)
+            return await self._collect(stream, reply, kv_answer)
         finally:
             if stream.finish_reason is None:
                 self.driver.abort(engine_id)
             self._record_finish(stream)
 
-    async def _collect(self, stream: TokenStream, reply: Reply) -> web.Response:
+    async def _receive_kv(self, prompt_len: int) -> None:
+        """P/D decode leg: wait while the prompt's KV crosses the link from the prefill
+        instance (modelled, in engine time)."""
+        seconds = transfer_time_s(prompt_len, self.kv_bytes_per_token,
+                                  self.settings.kv_transfer_bandwidth_gb_s)
+        await asyncio.sleep(seconds / self.settings.time_scale)
+
+    async def _collect(self, stream: TokenStream, reply: Reply,
+                       kv_answer: dict[str, Any] | None = None) -> web.Response:
         ids: list[int] = []
         last: float | None = None
         async for batch in stream:
@@ -228,6 +260,8 @@ class SimEngineServer:
             raise ApiError(503, "the engine stopped before the request finished",
                            type="ServiceUnavailableError")
         body = reply.body(self.tokenizer.decode(ids), stream.finish_reason or "", len(ids))
+        if kv_answer is not None:
+            body = with_kv_transfer(body, kv_answer)
         return web.Response(body=body, content_type="application/json")
 
     async def _stream(self, request: web.Request, stream: TokenStream, reply: Reply, *,
