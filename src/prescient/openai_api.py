@@ -93,6 +93,16 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[ChatMessage]
+    # vLLM's chat-template parameters: continue the last (assistant) message instead of
+    # opening a new turn, as the gateway's stream replay does
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ApiError(400, "continue_final_message and add_generation_prompt cannot both "
+                                "be true", param="continue_final_message")
 
 
 def decode_request(body: bytes, kind: Literal["completion", "chat"]

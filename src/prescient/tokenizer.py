@@ -41,17 +41,30 @@ class Tokenizer(Protocol):
         """Text of `ids`, special tokens skipped."""
         ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], *,
+                            add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> str:
         """The prompt text for `messages` ({"role", "content"}), ending with the assistant
-        turn's opening (add_generation_prompt)."""
+        turn's opening (`add_generation_prompt`), or, with `continue_final_message` (vLLM's
+        parameter), with the last message left open so generation continues its text."""
         ...
 
 
-def fallback_chat_prompt(messages: list[dict[str, str]]) -> str:
+def fallback_chat_prompt(messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                         continue_final_message: bool = False) -> str:
     """The template used when a model has none: one "role: content" line per message, then
-    "assistant:"."""
+    "assistant:".
+
+    A continued final message is written "role:content", open: the generation prompt
+    "assistant:" followed by the text generated after it, so a stream resumed from its text so
+    far (the gateway's replay) has exactly the original prompt plus that text as its prompt.
+    """
+    if continue_final_message and messages:
+        *head, last = messages
+        opened = f"{last.get('role', 'user')}:{last.get('content', '')}"
+        return fallback_chat_prompt(head, add_generation_prompt=False) + opened
     lines = [f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in messages]
-    return "".join(lines) + "assistant:"
+    return "".join(lines) + ("assistant:" if add_generation_prompt else "")
 
 
 # ---- the file-free approximation -----------------------------------------------------------
@@ -152,8 +165,11 @@ class ApproxTokenizer:
         pieces, n = self._pieces, len(self._pieces)
         return "".join(pieces[i] if 3 <= i < n else f" <{i}>" if i >= n else "" for i in ids)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        return fallback_chat_prompt(messages)
+    def apply_chat_template(self, messages: list[dict[str, str]], *,
+                            add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> str:
+        return fallback_chat_prompt(messages, add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message)
 
     @staticmethod
     def _cut(piece: str) -> list[str]:
@@ -223,15 +239,30 @@ class HfTokenizer:
             keep = [i for i in range(min(self.vocab_size, 4096)) if self.decode([i]).strip()]
         return tuple(keep)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], *,
+                            add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> str:
         if self._template is None:
-            return fallback_chat_prompt(messages)
+            return fallback_chat_prompt(messages, add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message)
         try:
-            return str(self._template.render(
-                messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or ""))
+            text = str(self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or ""))
         except (_TemplateError, TemplateError) as e:  # bad messages for this template
             raise ValueError(f"chat template of {self.name}: {e}") from e
+        return _open_final_message(text, messages) if continue_final_message else text
+
+
+def _open_final_message(text: str, messages: list[dict[str, str]]) -> str:
+    """`text` cut right after the last message's content (what `transformers` does for
+    `continue_final_message`): the template's end-of-turn tokens after it are dropped."""
+    content = messages[-1].get("content", "") if messages else ""
+    at = text.rfind(content) if content else -1
+    if at < 0:
+        raise ValueError("continue_final_message: the final message's content is not in the "
+                         "rendered chat template")
+    return text[:at + len(content)]
 
 
 class _TemplateError(Exception):

@@ -97,8 +97,9 @@ class GatewaySettings(ClusterSettings, frozen=True, kw_only=True, forbid_unknown
     # one stale choice while the scheduler has not yet seen the instance leave.
     retry_max_count: Annotated[int, Setting(
         RETRY, "Extra attempts (each re-scheduled, the failed instance avoided) when an "
-        "instance fails before the response's first byte: connection refused or reset, or a "
-        "5xx answer. Upstream's default is 0.", ge=0)] = 2
+        "instance fails before the response's first byte (connection refused or reset, or a "
+        "5xx answer), and stream replays when it fails after (the text so far is resumed "
+        "elsewhere). Upstream's default is 0.", ge=0)] = 2
     connect_timeout: Annotated[float, Setting(
         RETRY, "Connecting to an instance gives up after this long, seconds (upstream: 3).",
         gt=0)] = 3.0

@@ -70,7 +70,8 @@ class Gateway:
             self.balancer, self.pool, self.metrics, retry_max_count=settings.retry_max_count,
             connect_timeout=settings.connect_timeout,
             full_mode=settings.enable_full_mode_scheduling, scheduler=scheduler,
-            report_interval_s=settings.requests_report_duration, clock=clock)
+            report_interval_s=settings.requests_report_duration, tokenizer=tokenizer,
+            clock=clock)
         self.pd = (PdForwarder(self.proxy, settings.pd_disagg_protocol,
                                staged=settings.separate_pd_scheduling)
                    if settings.pd_disagg_protocol else None)

@@ -60,6 +60,7 @@ class GatewayMetrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.errors: dict[str, int] = {}
         self.retries = 0
+        self.replays = 0
         self.fallbacks = 0
         self.in_flight = 0
         self.schedule_seconds = Histogram(SCHEDULE_BUCKETS)
@@ -99,6 +100,8 @@ class _Collector(Collector):
         yield errors
         yield CounterMetricFamily("prescient_gateway_retries", "Forwarding attempts repeated "
                                   "on another instance before the first byte.", value=m.retries)
+        yield CounterMetricFamily("prescient_gateway_replays", "Broken streams resumed on "
+                                  "another instance by token replay.", value=m.replays)
         yield CounterMetricFamily("prescient_gateway_fallbacks", "Requests placed by local "
                                   "round-robin because the scheduler was unavailable.",
                                   value=m.fallbacks)

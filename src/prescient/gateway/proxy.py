@@ -5,12 +5,17 @@ with `x-request-id` forced to the id the scheduler accounted (so the engine's id
 scheduler's local account agree, §8.1). Until the first byte goes to the client, a failure
 (connection refused or reset, a 5xx, a body cut short) is retried on another instance: the
 scheduler's account of the failed attempt is released first, the instance is avoided, and the
-pause is min(10 ms·2^n, 100 ms), as upstream. After the first byte nothing is retried: a stream
-cut short ends with an SSE error event.
+pause is min(10 ms·2^n, 100 ms), as upstream. After the first byte, a stream whose upstream
+breaks (not one whose client left, nor one past the upstream's `[DONE]`) is replayed
+(gateway/replay.py): the failed attempt is released, the request placed again avoiding the
+instance, and a continuation (prompt + text so far, fewer tokens) resumes the stream, at most
+`--retry-max-count` times per request. A stream that cannot be resumed ends with an SSE error
+event. A non-streamed body cut short is retried whole: nothing reached the client yet.
 
 Streams are copied as they arrive, the backend's chunks merged when several are waiting (one
-write instead of many); the only inspection is counting event ends (`\\n\\n`, which JSON cannot
-contain unescaped) for the TPOT metric and lite-mode token reports.
+write instead of many), counting event ends (`\\n\\n`, which JSON cannot contain unescaped)
+for the TPOT metric and lite-mode token reports. A replayable stream is also read event by
+event (its text and token count), and goes out in whole events only.
 
 Release (`Scheduler.release`): after a failed attempt; when the client left before the first
 byte; and, in lite mode, at the end of every request (upstream forgets this one, §11.9). In full
@@ -26,6 +31,7 @@ from collections.abc import Callable
 
 from prescient.gateway.balancer import Address, Balancer, NoWorkerError
 from prescient.gateway.metrics import GatewayMetrics
+from prescient.gateway.replay import Replay
 from prescient.http.client import (
     UpstreamConnectError,
     UpstreamError,
@@ -35,6 +41,7 @@ from prescient.http.client import (
 from prescient.http.server import Request, Response
 from prescient.openai_api import error_body
 from prescient.scheduler.wire import LLMInstance, ReportItem, Scheduler, ScheduleRequest
+from prescient.tokenizer import ApproxTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +72,22 @@ class _Retry:
         self.error = error
 
 
+class _Cut:
+    """A replayable stream broke after bytes reached the client."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
 class Proxy:
     """Sends scheduled requests to instances and their answers back to clients."""
 
     def __init__(self, balancer: Balancer, pool: UpstreamPool, metrics: GatewayMetrics, *,
                  retry_max_count: int, connect_timeout: float, full_mode: bool,
                  scheduler: Scheduler | None = None, report_interval_s: float = 0.0,
+                 tokenizer: Tokenizer | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.balancer = balancer
         self.pool = pool
@@ -80,6 +97,8 @@ class Proxy:
         self.full_mode = full_mode
         self.scheduler = scheduler
         self.report_interval_s = report_interval_s if not full_mode else 0.0
+        # counts the tokens of a replayed stream whose chunks carry no usage
+        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ApproxTokenizer()
         self._clock = clock
         self._background: set[asyncio.Task[None]] = set()
 
@@ -88,8 +107,48 @@ class Proxy:
         """Place, forward and answer; returns the status the client got (499: it left)."""
         headers = forward_headers(request.headers, schedule.id)
         avoid: list[Address] = []
+        replay = self._replay(request) if stream else None
+        outcome = await self._place(request, response, schedule, headers, avoid, stream,
+                                    started, replay)
+        replays = 0
+        while isinstance(outcome, _Cut):
+            assert replay is not None
+            if request.is_disconnected:
+                return CLIENT_GONE
+            if replay.finished:  # generation was over; only the trailer was lost
+                response.write(b"data: [DONE]\n\n")
+                response.end()
+                return 200
+            body = replay.continuation() if replays < self.retry_max_count else None
+            if body is None:
+                return self._cut_short(request, response, b"", outcome.error, counted=True)
+            replays += 1
+            self.metrics.replays += 1
+            log.info("request %s: stream broken (%s), replay %d of %d", schedule.id,
+                     outcome.error, replays, self.retry_max_count)
+            outcome = await self._place(request, response, schedule, headers, avoid, stream,
+                                        started, replay, body)
+        return outcome
+
+    def _replay(self, request: Request) -> Replay | None:
+        """Replay state for a stream that may be resumed (None: it may not)."""
+        if self.retry_max_count < 1:
+            return None
+        if request.path.endswith("/chat/completions"):
+            return Replay.of("chat", request.body, self.tokenizer)
+        if request.path.endswith("/completions"):
+            return Replay.of("completion", request.body, self.tokenizer)
+        return None
+
+    async def _place(self, request: Request, response: Response, schedule: ScheduleRequest,
+                     headers: list[tuple[str, str]], avoid: list[Address], stream: bool,
+                     started: float, replay: Replay | None,
+                     body: bytes | None = None) -> int | _Cut:
+        """Schedule and send, retrying on other instances until an answer starts (or, for a
+        continuation, until its stream resumes)."""
         last: _Retry | None = None
         metrics, clock = self.metrics, self._clock
+        resuming = body is not None
         for attempt in range(self.retry_max_count + 1):
             if attempt:
                 metrics.retries += 1
@@ -99,11 +158,20 @@ class Proxy:
                 instance, accounted = await self.balancer.pick(schedule, avoid)
             except NoWorkerError as e:
                 metrics.error("no_instance")
+                if resuming:
+                    return self._cut_short(request, response, b"", str(e))
                 response.send(503, error_body(503, str(e), type="service_unavailable"))
                 return 503
             metrics.schedule_seconds.observe(clock() - t)
-            outcome = await self._attempt(request, response, instance, headers, schedule,
-                                          stream, started, attempt == self.retry_max_count)
+            outcome = await self._attempt(
+                request, response, instance, headers, schedule, stream, started,
+                attempt == self.retry_max_count and not resuming, body, replay)
+            if isinstance(outcome, _Cut):
+                metrics.error("upstream_closed")
+                if accounted:
+                    await self.balancer.release(schedule, instance)
+                avoid.append((instance.endpoint.host, instance.endpoint.port))
+                return outcome
             if not isinstance(outcome, _Retry):
                 if accounted and not self.full_mode:
                     await self.balancer.release(schedule, instance)
@@ -120,13 +188,18 @@ class Proxy:
             last = outcome
         message = f"upstream failed after {self.retry_max_count + 1} attempts: " + (
             last.error if last else "")
+        if resuming:
+            return self._cut_short(request, response, b"", message)
         response.send(502, error_body(502, message, type="upstream_error"))
         return 502
 
     async def _attempt(self, request: Request, response: Response, instance: LLMInstance,
                        headers: list[tuple[str, str]], schedule: ScheduleRequest, stream: bool,
-                       started: float, final: bool, body: bytes | None = None) -> int | _Retry:
-        """One try on `instance` with the client's body (or `body`, a rewritten one)."""
+                       started: float, final: bool, body: bytes | None = None,
+                       replay: Replay | None = None) -> int | _Retry | _Cut:
+        """One try on `instance` with the client's body (or `body`, a rewritten one); a
+        continuation of `replay` when it has `resumed` (final is then False: any answer but a
+        stream is retried, the client's response has started)."""
         endpoint = instance.endpoint
         if request.is_disconnected:
             return _Retry("client_disconnect", "client left before forwarding")
@@ -146,8 +219,12 @@ class Proxy:
             except UpstreamError:
                 text = ""
             return _Retry("upstream_status", f"HTTP {upstream.status} {text}".strip())
+        if replay is not None and replay.resumed and upstream.status != 200:
+            upstream.abort()
+            return _Retry("upstream_status", f"HTTP {upstream.status} to a continuation")
         if stream and upstream.status == 200:
-            return await self._stream(request, response, upstream, instance, schedule, started)
+            return await self._stream(request, response, upstream, instance, schedule, started,
+                                      replay)
         return await self._whole(request, response, upstream, schedule.id)
 
     async def _whole(self, request: Request, response: Response, upstream: UpstreamResponse,
@@ -162,31 +239,36 @@ class Proxy:
 
     async def _stream(self, request: Request, response: Response, upstream: UpstreamResponse,
                       instance: LLMInstance, schedule: ScheduleRequest,
-                      started: float) -> int | _Retry:
+                      started: float, replay: Replay | None = None) -> int | _Retry | _Cut:
         try:
             chunk = await upstream.read_chunk()
         except UpstreamError as e:
             return _Retry("upstream_closed", str(e))
         clock = self._clock
         first = clock()
-        self.metrics.ttft_seconds.observe(first - started)
-        response.start(upstream.status, (("x-request-id", schedule.id),),
-                       upstream.headers.get("content-type", "text/event-stream"))
+        if not response.started:
+            self.metrics.ttft_seconds.observe(first - started)
+            response.start(upstream.status, (("x-request-id", schedule.id),),
+                           upstream.headers.get("content-type", "text/event-stream"))
         reporter = (_Reporter(self, schedule, instance, first)
                     if self.report_interval_s > 0 and self.scheduler is not None else None)
         events, last, tail = 0, first, b""
         try:
             while chunk:
+                if replay is not None:
+                    chunk = replay.feed(chunk)
                 response.write(chunk)
                 events += chunk.count(b"\n\n")
-                tail = chunk
+                tail = chunk or tail
                 last = clock()
                 if reporter is not None:
                     reporter.update(events, last)
                 await response.drain()
                 chunk = await upstream.read_chunk()
         except UpstreamError as e:
-            return self._cut_short(request, response, tail, e)
+            if replay is None or replay.done or request.is_disconnected:
+                return self._cut_short(request, response, tail, str(e))
+            return _Cut(str(e))
         response.end()
         if tail.endswith(b"data: [DONE]\n\n"):
             events -= 1
@@ -194,12 +276,18 @@ class Proxy:
             self.metrics.tpot_seconds.observe((last - first) / (events - 1))
         return upstream.status
 
-    def _cut_short(self, request: Request, response: Response, tail: bytes,
-                   error: UpstreamError) -> int:
-        """The stream broke after bytes reached the client: tell it in-band, if it is there."""
+    def _cut_short(self, request: Request, response: Response, tail: bytes, error: str, *,
+                   counted: bool = False) -> int:
+        """The stream broke after bytes reached the client: tell it in-band, if it is there.
+        (After the upstream's `[DONE]` the stream is whole: it just ends.) `counted`: the
+        failure is in the error metrics already."""
         if request.is_disconnected:
             return CLIENT_GONE
-        self.metrics.error("upstream_closed")
+        if tail.endswith(b"data: [DONE]\n\n"):
+            response.end()
+            return 200
+        if not counted:
+            self.metrics.error("upstream_closed")
         sep = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
         body = error_body(502, f"upstream stream cut short: {error}", type="upstream_error")
         response.write(sep + b"data: " + body + b"\n\ndata: [DONE]\n\n")

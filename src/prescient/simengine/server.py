@@ -5,7 +5,9 @@ tell the difference by the wire. Endpoints and behaviour follow vLLM's server
 (reference/vllm-cpu.md §4-§5):
 
     POST /v1/completions, /v1/chat/completions   stream or not; `usage`; include_usage and
-                                                 continuous_usage_stats chunks; 400/404 as vLLM
+                                                 continuous_usage_stats chunks; chat's
+                                                 add_generation_prompt and
+                                                 continue_final_message; 400/404 as vLLM
     GET  /v1/models, /health, /metrics           vLLM's metric names (simengine/metrics.py)
     POST /tokenize, /detokenize                  vLLM's shapes
 
@@ -323,7 +325,9 @@ class SimEngineServer:
         if isinstance(api, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in api.messages]
             try:
-                text = tok.apply_chat_template(messages)
+                text = tok.apply_chat_template(
+                    messages, add_generation_prompt=api.add_generation_prompt,
+                    continue_final_message=api.continue_final_message)
             except ValueError as e:
                 raise ApiError(400, str(e), param="messages") from None
             ids = tok.encode(text, add_special_tokens=False)

@@ -179,3 +179,20 @@ def test_a_template_set_later_replaces_the_file_one_and_must_compile(tmp_path: P
         tok.chat_template = "{% for m in messages %}"
     with pytest.raises(ConfigError, match="does not compile"):
         load_tokenizer(str(word_level(tmp_path / "bad", template="{% if %}")))
+
+
+def test_a_continued_final_message_is_left_open(tmp_path: Path) -> None:
+    """vLLM's continue_final_message: the prompt ends with the last message's text, so it is
+    the generation prompt plus that text (what the gateway's stream replay relies on)."""
+    tok = load_tokenizer(str(word_level(tmp_path / "wl")))
+    asked = [{"role": "user", "content": "hi"}]
+    continued = [*asked, {"role": "assistant", "content": "the cat"}]
+    text = tok.apply_chat_template(continued, add_generation_prompt=False,
+                                   continue_final_message=True)
+    assert text == "<s><|user|>\nhi\n<|assistant|>\nthe cat"
+    assert text == tok.apply_chat_template(asked) + "the cat"
+    approx = ApproxTokenizer()
+    assert approx.apply_chat_template(
+        [*asked, {"role": "assistant", "content": " the"}], add_generation_prompt=False,
+        continue_final_message=True) == approx.apply_chat_template(asked) + " the"
+    assert fallback_chat_prompt(asked, add_generation_prompt=False) == "user: hi\n"
