@@ -352,7 +352,7 @@ def test_killing_an_engine_mid_run_reroutes_and_its_keys_expire(
     gateways = cluster.gateways
 
     def one(i: int) -> str:
-        """"ok", or the explicit error the client got (a hang would be a timeout error)."""
+        """"ok", or the error the client got (a hang would be a timeout error)."""
         with client_of(gateways[i % 2]) as client:
             try:
                 if i % 3 == 0:
@@ -381,8 +381,9 @@ def test_killing_an_engine_mid_run_reroutes_and_its_keys_expire(
         failed = {i: o for i, o in outcomes.items() if o != "ok"}
         # requests sent after the kill were never started on the victim: all rerouted
         assert not {i for i in failed if i >= killed_after}, failed
-        # a non-streaming request is retried elsewhere; only a stream cut short may fail
-        assert all(i % 3 and "cut short" in o for i, o in failed.items()), failed
+        # a non-streaming request is retried elsewhere, a stream cut short is replayed there:
+        # nothing is lost
+        assert not failed, failed
         errors = [metric(g, "prescient_gateway_errors_total") for g in gateways]
         assert sum(errors) > 0, "no request hit the killed engine: the test proves nothing"
         burst_end = time.monotonic()
