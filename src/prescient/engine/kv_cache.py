@@ -12,19 +12,32 @@ A request asks for fresh blocks with `allocate` (taking uncached ones first, the
 least recently freed cached ones, as vLLM's free-block queue does), shares cached blocks with
 `acquire`, offers a block that just became full with `register`, and gives blocks back with
 `release`.
+
+An optional `listener` hears every change of the cache's content, as a vLLM engine publishes KV
+events: `stored(h)` when a block enters the cache (`register`), `removed(h)` when a cached block
+is evicted for reuse (`allocate`). The simulator feeds a router's KV-events index from it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+
+class BlockListener(Protocol):
+    """Hears the prefix cache's content change (vLLM's BlockStored / BlockRemoved)."""
+
+    def stored(self, block_hash: int) -> None: ...
+
+    def removed(self, block_hash: int) -> None: ...
 
 
 class BlockPool:
     """KV blocks of one engine. Invariant: free + in use == num_blocks."""
 
-    __slots__ = ("_cached_free", "_num_free_uncached", "_refs", "block_size", "num_blocks",
-                 "num_evictions")
+    __slots__ = ("_cached_free", "_num_free_uncached", "_refs", "block_size", "listener",
+                 "num_blocks", "num_evictions")
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -35,6 +48,7 @@ class BlockPool:
         self._num_free_uncached = num_blocks
         self._cached_free: OrderedDict[int, None] = OrderedDict()
         self._refs: dict[int, int] = {}
+        self.listener: BlockListener | None = None
 
     @property
     def num_free(self) -> int:
@@ -51,8 +65,10 @@ class BlockPool:
         take = min(n, self._num_free_uncached)
         self._num_free_uncached -= take
         for _ in range(n - take):
-            self._cached_free.popitem(last=False)
+            h, _ = self._cached_free.popitem(last=False)
             self.num_evictions += 1
+            if self.listener is not None:
+                self.listener.removed(h)
 
     def hit_blocks(self, hashes: Sequence[int]) -> tuple[int, int]:
         """How many leading blocks of `hashes` are cached, and how many of those are free.
@@ -88,6 +104,8 @@ class BlockPool:
         if h in self._refs or h in self._cached_free:
             return False
         self._refs[h] = 1
+        if self.listener is not None:
+            self.listener.stored(h)
         return True
 
     def release(self, hashes: Sequence[int], num_anonymous: int) -> None:

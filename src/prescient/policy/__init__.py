@@ -10,6 +10,7 @@ from prescient.policy.framework import (
     GlobalFilter,
     Metric,
     Pipeline,
+    PlacementObserver,
     SchedulingContext,
     Selector,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "GlobalFilter",
     "Metric",
     "Pipeline",
+    "PlacementObserver",
     "SchedulingContext",
     "SchedulingMode",
     "Selector",

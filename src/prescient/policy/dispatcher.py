@@ -32,7 +32,7 @@ from prescient.model import (
     Request,
 )
 from prescient.policy.account import LocalAccount
-from prescient.policy.framework import Feature, Pipeline, SchedulingContext
+from prescient.policy.framework import Feature, Pipeline, PlacementObserver, SchedulingContext
 from prescient.policy.lite import LiteState
 from prescient.policy.state import INFER_CODES, ClusterState
 
@@ -54,6 +54,7 @@ class Dispatcher:
         local_account: the full-mode local account, or None to go without.
         needs_cms: scheduling fails while the CMS is unavailable (full-mode policies).
         features: fill per-request context columns (predictions, prefix hits) before picking.
+        observers: told of every placement (e.g. a router-history prefix index learns from it).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class Dispatcher:
         local_account: LocalAccount | None = None,
         needs_cms: bool = False,
         features: Sequence[Feature] = (),
+        observers: Sequence[PlacementObserver] = (),
     ) -> None:
         self.name = name
         self.pipelines = dict(pipelines)
@@ -75,6 +77,7 @@ class Dispatcher:
         self.lite = None if full_mode else LiteState()
         self.needs_cms = needs_cms
         self.features = tuple(features)
+        self.observers = tuple(observers)
         self.cms = CmsView()
         self.state = ClusterState()
         self._predicted: dict[str, list[tuple[str, int]]] = {}  # request -> (instance, tokens)
@@ -145,12 +148,16 @@ class Dispatcher:
             self.cms.require_available()
         placements: list[Placement] = []
         for infer_type in self._legs(mode, stage):
-            row = self._pick(request, infer_type, now)
-            if row is None:
+            picked = self._pick(request, infer_type, now)
+            if picked is None:
                 self._undo(request.request_id, placements)
                 return Decision(request.request_id)
+            row, hit_tokens = picked
             placements.append(Placement(self.state.ids[row], infer_type))
-            self._count(request, placements[-1], now)
+            self._count(request, placements[-1], hit_tokens, now)
+        for placement in placements:
+            for observer in self.observers:
+                observer.on_placed(request, placement.instance_id, self.state, now)
         return Decision(request.request_id, tuple(placements))
 
     def release(self, request_id: str, now: float) -> None:
@@ -174,7 +181,9 @@ class Dispatcher:
             raise ValueError("pd_staged scheduling needs stage=prefill or stage=decode")
         return (stage,)
 
-    def _pick(self, request: Request, infer_type: InferType, now: float) -> int | None:
+    def _pick(self, request: Request, infer_type: InferType, now: float
+              ) -> tuple[int, int] | None:
+        """The chosen row and the prompt tokens it already caches, or None."""
         pipeline = self.pipelines.get(infer_type)
         if pipeline is None or not len(self.state):
             return None
@@ -184,13 +193,18 @@ class Dispatcher:
         ctx = SchedulingContext(request, self.state, now, self.rng)
         for feature in self.features:
             feature.prepare(ctx)
-        return pipeline.pick(ctx, candidates)
+        row = pipeline.pick(ctx, candidates)
+        if row is None:
+            return None
+        hits = ctx.prefix_hit_tokens
+        return row, 0 if hits is None else int(hits[row])
 
-    def _count(self, request: Request, placement: Placement, now: float) -> None:
+    def _count(self, request: Request, placement: Placement, hit_tokens: int, now: float
+               ) -> None:
         iid, rid = placement.instance_id, request.request_id
-        if self.account is not None:
+        if self.account is not None:  # the instance computes only what it does not cache
             self.account.add(rid, iid, placement.infer_type, request.prompt_len,
-                             request.prompt_len, now)
+                             max(0, request.prompt_len - hit_tokens), now)
         if self.lite is not None:
             self.lite.allocate(rid, iid, request.prompt_len)
         if request.predicted_output_len and placement.infer_type is not InferType.PREFILL:

@@ -14,6 +14,10 @@ Single-instance filters return a keep-mask over rows; global filters see the who
   needs failover: `instance` (itself), `node` (same node id), `instance-unit` (same unit id, when
   data parallelism is on; else as `instance`), `node-unit` (the node's instances, widened to their
   units when data parallelism is on).
+- `BalanceGuard(metric, abs, rel)` (global, soft): drops candidates whose load exceeds the least
+  loaded candidate's by more than `abs` AND more than `rel` times (SGLang's imbalance rule,
+  applied per candidate); cache-aware dispatch uses it so prefix affinity cannot pile requests
+  onto one instance.
 """
 
 from __future__ import annotations
@@ -102,3 +106,22 @@ class Failover:
         if self.domain in ("instance-unit", "node-unit") and st.dp_enabled:
             failed = np.isin(st.unit, st.unit[failed])
         return keep & ~failed
+
+
+class BalanceGuard:
+    """Drops candidates loaded both `abs_threshold` more and `rel_threshold` times more than
+    the least loaded one (higher-is-better metrics are not supported)."""
+
+    soft = True
+
+    def __init__(self, metric: Metric, abs_threshold: float, rel_threshold: float) -> None:
+        self.metric = metric
+        self.abs_threshold = abs_threshold
+        self.rel_threshold = rel_threshold
+
+    def apply(self, ctx: SchedulingContext, keep: np.ndarray) -> np.ndarray:
+        if not keep.any():
+            return keep
+        load = ctx.metric(self.metric)
+        lo = load[keep].min()
+        return keep & ((load - lo <= self.abs_threshold) | (load <= self.rel_threshold * lo))

@@ -33,11 +33,12 @@ class SchedulingContext:
     The optional per-request columns are filled by features before the pipeline runs:
     `prefix_hit_tokens` (cache-aware), `predicted_computed_tokens` (predictor-enhanced),
     `predicted_ttft_ms` / `predicted_tpot_ms` (SLO-aware). None means the feature is off.
+    `prefix_miss_weight` is what one missed prompt token counts in the cache-aware cost.
     """
 
     __slots__ = ("_memo", "candidates", "needs_failover", "now", "predicted_computed_tokens",
-                 "predicted_tpot_ms", "predicted_ttft_ms", "prefix_hit_tokens", "request",
-                 "rng", "state")
+                 "predicted_tpot_ms", "predicted_ttft_ms", "prefix_hit_tokens",
+                 "prefix_miss_weight", "request", "rng", "state")
 
     def __init__(self, request: Request, state: ClusterState, now: float, rng: random.Random):
         self.request = request
@@ -47,6 +48,7 @@ class SchedulingContext:
         self.needs_failover = np.zeros(len(state), bool)  # set by schedulability/staleness
         self.candidates = np.zeros(len(state), bool)  # the rows the pipeline started from
         self.prefix_hit_tokens: np.ndarray | None = None
+        self.prefix_miss_weight = 1.0
         self.predicted_computed_tokens: np.ndarray | None = None
         self.predicted_ttft_ms: np.ndarray | None = None
         self.predicted_tpot_ms: np.ndarray | None = None
@@ -101,6 +103,13 @@ class Feature(Protocol):
 
     def on_statuses(self, state: ClusterState, samples: Sequence[ProfilingSample], now: float
                     ) -> None: ...
+
+
+class PlacementObserver(Protocol):
+    """Hears each placement the dispatcher makes (after the whole decision is made)."""
+
+    def on_placed(self, request: Request, instance_id: str, state: ClusterState, now: float
+                  ) -> None: ...
 
 
 class Pipeline:

@@ -12,8 +12,9 @@ Lower is better unless a metric says otherwise.
 - `all_prefills_tokens_num` = S.waiting prefill tokens + S.running prefill tokens
   + LA.prefill tokens - ctx.predicted computed tokens
 - `kv_cache_hit_len` = ctx.prefix hit tokens; **higher is better**
-- `cache_aware_all_prefills_tokens_num` = ctx.prefix miss tokens + `all_prefills_tokens_num`,
-  where the miss is the whole prompt on an instance with no hit (upstream counted 0 there)
+- `cache_aware_all_prefills_tokens_num` = ctx.prefix miss weight x ctx.prefix miss tokens +
+  `all_prefills_tokens_num`, where the miss is the whole prompt on an instance with no hit
+  (upstream counted 0 there) and the weight is 1 upstream (see `policy/cache_aware.py`)
 - `num_requests` = full: S.waiting + S.loading + S.running + LA.prefill + LA.decode requests;
   lite: router-local requests
 - `all_decodes_tokens_num` = S.hybrid waiting-to-decode + S.waiting-to-decode
@@ -96,7 +97,7 @@ def _prefix_hit(ctx: SchedulingContext) -> np.ndarray:
 
 def _cache_aware_prefills(ctx: SchedulingContext) -> np.ndarray:
     miss = ctx.request.prompt_len - _prefix_hit(ctx)
-    return miss + _all_prefills_tokens(ctx)
+    return ctx.prefix_miss_weight * miss + _all_prefills_tokens(ctx)
 
 
 def _num_requests_full(ctx: SchedulingContext) -> np.ndarray:

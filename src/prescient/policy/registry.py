@@ -6,7 +6,11 @@ attributes of `DispatchSettings`, i.e. the scheduler flags in snake case).
 
 - `load-balance` (full mode): per infer type, keep schedulable, fresh instances whose
   `--dispatch-*-load-metric` is under its soft threshold, drop failover domains; pick the least
-  loaded (random among the best `--dispatch-top-k`).
+  loaded (random among the best `--dispatch-top-k`). With `--enable-cache-aware-scheduling`,
+  prefill and neutral legs of prompts of at least `--cache-aware-scheduling-min-tokens` rank
+  by `--dispatch-prefill-cache-locality-metric` first and the load metric second, under a
+  balance guard (`_cache_aware_pipeline`, `policy/cache_aware.py`; the router-history index
+  unless the caller swaps it).
 - `load-balance` (lite mode): the least router-local `num_requests` or `num_tokens`.
 - `flood` (full mode): schedulable, fresh, failover; stay on one instance while it can work.
 - `round-robin` (lite): cycles through instances in id order (gateway-local upstream).
@@ -17,6 +21,8 @@ attributes of `DispatchSettings`, i.e. the scheduler flags in snake case).
   predicted latency wins; nothing available when every instance would miss its SLO.
 - `llm-d`, `aibrix-least-request`, `aibrix-least-kv-cache`, `sglang-power-of-two`: the peer
   routers' load-only policies (`policy/peers.py`).
+- `sglang-cache-aware`, `sglang-lmetric`, `llm-d-prefix`, `dynamo-kv`,
+  `production-stack-prefixaware`: the peers' cache-aware policies (`policy/cache_peers.py`).
 
 Adding a policy is one factory function here plus one line in `POLICIES`.
 """
@@ -28,12 +34,28 @@ import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from prescient.cache.index import ApproximateIndex
 from prescient.errors import ConfigError
 from prescient.model import InferType
 from prescient.policy.account import LocalAccount
+from prescient.policy.cache_aware import IndexHits, PrefixHits
+from prescient.policy.cache_peers import CACHE_PEER_POLICIES
 from prescient.policy.dispatcher import Dispatcher
-from prescient.policy.filters import Failover, Fresh, MetricThreshold, Schedulable
-from prescient.policy.framework import Feature, Filter, Pipeline, Selector
+from prescient.policy.filters import (
+    BalanceGuard,
+    Failover,
+    Fresh,
+    MetricThreshold,
+    Schedulable,
+)
+from prescient.policy.framework import (
+    Feature,
+    Filter,
+    Metric,
+    Pipeline,
+    PlacementObserver,
+    Selector,
+)
 from prescient.policy.metrics import LITE_METRICS, make_metric
 from prescient.policy.peers import PEER_POLICIES
 from prescient.policy.selectors import (
@@ -87,6 +109,9 @@ class DispatchSettings(Protocol):
     tpot_slo: float
     ttft_slo_dispatch_threshold: float
     tpot_slo_dispatch_threshold: float
+    enable_cache_aware_scheduling: bool
+    cache_aware_scheduling_min_tokens: int
+    dispatch_prefill_cache_locality_metric: str
 
 
 PolicyFactory = Callable[[DispatchSettings, random.Random], Dispatcher]
@@ -128,9 +153,60 @@ def disabled_in_lite_mode(settings: object) -> list[str]:
     return on
 
 
+APPROXIMATE_TTL_S = 120.0  # Dynamo's ApproxKvIndexer default
+APPROXIMATE_MAX_BLOCKS = 1_000_000
+# Prescient's cache-aware defaults (bench/cache_aware.py); 1.0 and inf restore upstream's cost
+CACHE_MISS_WEIGHT = 2.0
+CACHE_BALANCE_ABS = 64.0  # SGLang cache_aware's balance_abs_threshold
+CACHE_BALANCE_REL = 1.5  # ... and balance_rel_threshold
+
+
+def _setting(settings: object, name: str, default: float) -> float:
+    """A cache-aware knob that may not be a scheduler flag yet: its default until it is."""
+    return float(getattr(settings, name, default))
+
+
+def cache_feature(settings: object) -> PrefixHits:
+    """The cache-aware feature from `settings`: the router-history index by default.
+
+    The index lives in `feature.source.index`; the live scheduler and the simulator replace
+    the source when they have engine KV events or a KV-store metadata service.
+    """
+    index = ApproximateIndex(
+        ttl_s=_setting(settings, "cache_index_ttl_s", APPROXIMATE_TTL_S),
+        max_blocks=int(_setting(settings, "cache_index_max_blocks", APPROXIMATE_MAX_BLOCKS)))
+    return PrefixHits(IndexHits(index),
+                      min_tokens=int(_setting(settings, "cache_aware_scheduling_min_tokens", 0)),
+                      miss_weight=_setting(settings, "cache_aware_miss_weight", CACHE_MISS_WEIGHT))
+
+
+def _cache_aware_pipeline(settings: DispatchSettings, load: Metric, threshold: float
+                          ) -> Pipeline:
+    """Prefill / neutral legs when cache-aware: the locality metric first, the load second.
+
+    With the cost metric (`cache_aware_all_prefills_tokens_num`, the prefill work the instance
+    would have with this request) the soft load threshold is left out: it would drop an
+    instance holding the prefix for its load alone, before the hit is weighed, and on the cost
+    itself it could only drop instances the cost already ranks behind. A balance guard on
+    in-flight requests keeps affinity from piling requests onto one instance.
+    """
+    locality = make_metric(settings.dispatch_prefill_cache_locality_metric)
+    filters = _health_filters(settings)
+    if not locality.lower_is_better:  # kv_cache_hit_len ranks by hits alone: keep the limit
+        filters.append(MetricThreshold(load, threshold, soft=True))
+    guard = BalanceGuard(make_metric("num_requests"),
+                         _setting(settings, "cache_aware_balance_abs_threshold", CACHE_BALANCE_ABS),
+                         _setting(settings, "cache_aware_balance_rel_threshold", CACHE_BALANCE_REL))
+    return Pipeline(filters, MetricSelector([locality, load], settings.dispatch_top_k),
+                    [Failover(settings.failover_domain), guard])
+
+
 def _load_balance(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
     full = settings.enable_full_mode_scheduling
     disabled_in_lite_mode(settings)
+    cache = None
+    if full and getattr(settings, "enable_cache_aware_scheduling", False):
+        cache = cache_feature(settings)
     pipelines = {}
     for infer_type in INFER_TYPES:
         name, threshold = _metric_and_threshold(settings, infer_type)
@@ -141,12 +217,17 @@ def _load_balance(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
                            f"--dispatch-{infer_type.value}-load-metric {name} becomes num_tokens")
             name = "num_tokens"
         metric = make_metric(name, full_mode=full)
+        if cache is not None and infer_type is not InferType.DECODE:
+            pipelines[infer_type] = _cache_aware_pipeline(settings, metric, threshold)
+            continue
         filters = [*_health_filters(settings)] if full else []
         filters.append(MetricThreshold(metric, threshold, soft=True))
         pipelines[infer_type] = Pipeline(
             filters, MetricSelector([metric], settings.dispatch_top_k),
             [Failover(settings.failover_domain)] if full else [])
-    return _dispatcher("load-balance", pipelines, settings, rng, full=full)
+    extra = [cache] if cache is not None else []
+    return _dispatcher("load-balance", pipelines, settings, rng, full=full,
+                       extra_features=extra, observers=extra)
 
 
 def _flood(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
@@ -190,8 +271,8 @@ def _slo(settings: DispatchSettings, rng: random.Random, model: SloLatencyModel)
 
 
 def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: DispatchSettings,
-                rng: random.Random, *, full: bool, extra_features: Sequence[Feature] = ()
-                ) -> Dispatcher:
+                rng: random.Random, *, full: bool, extra_features: Sequence[Feature] = (),
+                observers: Sequence[PlacementObserver] = ()) -> Dispatcher:
     account = None
     if full and settings.enable_instance_status_local_account:
         account = LocalAccount(settings.request_local_account_staleness_seconds)
@@ -205,7 +286,7 @@ def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: Dispa
             bank = StructuralBank(warmup, shared=shared, max_tokens=max_tokens)
         features.append(PredictorEnhancement(bank, max_tokens))
     return Dispatcher(name, pipelines, rng, full_mode=full, local_account=account,
-                      needs_cms=full, features=[*features, *extra_features])
+                      needs_cms=full, features=[*features, *extra_features], observers=observers)
 
 
 def _lite_requests() -> MetricSelector:
@@ -221,6 +302,7 @@ POLICIES: dict[str, PolicyFactory] = {
     "power-of-two": _lite_selector(
         "power-of-two", lambda: PowerOfTwoSelector(make_metric("num_requests", full_mode=False))),
     **PEER_POLICIES,
+    **CACHE_PEER_POLICIES,
 }
 
 

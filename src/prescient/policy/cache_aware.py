@@ -1,0 +1,210 @@
+"""Cache-aware scheduling as a dispatcher feature: per-instance prefix hits for each request.
+
+`PrefixHits.prepare` fills `ctx.prefix_hit_tokens` (prompt tokens each instance already holds,
+contiguously from the first token) for prompts of at least `min_tokens`
+(`--cache-aware-scheduling-min-tokens`); the metrics `kv_cache_hit_len` and
+`cache_aware_all_prefills_tokens_num` read it, and the dispatcher's local account charges the
+chosen instance only the tokens it must compute (`prompt - hit`). Shorter prompts leave the
+column unset: no hit anywhere, the whole prompt is a miss everywhere, so the load metric decides.
+
+Two deliberate departures from upstream's cost, both settings (upstream: weight 1, no guard),
+chosen by bench/cache_aware.py:
+
+- A missed token counts `miss_weight` (2) queued tokens. The request waits for its own miss as
+  for the queue ahead of it, but the miss also spends cluster capacity again (the prefix is
+  recomputed and now cached twice) and, on multi-turn traffic, moves the session's history away
+  from where its next turn would hit. With weight 1 a momentary queue on the instance holding a
+  session drives the session elsewhere, and under load the hit rate collapses.
+- The prefill / neutral pipelines drop instances whose in-flight requests exceed the least
+  loaded one's by 64 and by 1.5x (`filters.BalanceGuard`, SGLang's imbalance rule): prefix
+  affinity alone ignores decode load and would pile a popular prefix's requests onto one
+  instance.
+
+Where the hits come from is a `HitSource`:
+
+- `IndexHits(index, hasher)`: hash the request's blocks and ask a synchronous `KvIndex`
+  (`ApproximateIndex`: the router's history, which `on_placed` feeds; `KvEventsIndex`: the
+  engines' KV events). Holders are instance ids, or KV-store IPs mapped to instances through
+  the metadata's `ip_kvs` when `by_ip` (all DP ranks on that IP hit).
+- `PrefetchedHits`: hits an async caller looked up before scheduling (the Mooncake metadata
+  service is a network call; the core never does I/O), stored by request id.
+
+Hashers name blocks as the engines do: `SimHasher` as the simulated engine, `VllmHasher` as a
+vLLM engine's prefix cache and KV events (`prescient.cache.hashing`). The block size is the
+instances' `block_size` from their metadata unless fixed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from prescient.cache.hashing import (
+    VllmHashAlgo,
+    external_block_hash,
+    sim_block_hashes,
+    sim_prompt_blocks,
+    vllm_block_hashes,
+)
+from prescient.cache.index import ApproximateIndex, BlockKey, KvIndex
+from prescient.cms.view import ProfilingSample
+from prescient.model import Request
+from prescient.policy.framework import SchedulingContext
+from prescient.policy.state import ClusterState
+
+DEFAULT_BLOCK_SIZE = 16  # vLLM's default, used when metadata gives none
+
+
+class BlockHasher(Protocol):
+    """A request's prompt blocks as its engine names them (full blocks only)."""
+
+    def hashes(self, request: Request, block_size: int) -> Sequence[BlockKey]: ...
+
+
+class SimHasher:
+    """The simulated engine's chain over the blocks it could find cached."""
+
+    def hashes(self, request: Request, block_size: int) -> list[int]:
+        return sim_block_hashes(request, block_size, sim_prompt_blocks(request, block_size))
+
+
+class VllmHasher:
+    """vLLM's block hashes of the prompt token ids, as its KV events publish them.
+
+    `as_int` gives the 64-bit ints of `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1` (the default);
+    `seed` is the engines' `PYTHONHASHSEED`. A request without token ids has no blocks.
+    """
+
+    def __init__(self, algo: VllmHashAlgo = "sha256_cbor", seed: str = "0",
+                 as_int: bool = True) -> None:
+        self.algo = algo
+        self.seed = seed
+        self.as_int = as_int
+
+    def hashes(self, request: Request, block_size: int) -> list[BlockKey]:
+        if request.prompt_token_ids is None:
+            return []
+        # the engine never serves the last prompt token from cache
+        tokens = request.prompt_token_ids[: request.prompt_len - 1]
+        digests = vllm_block_hashes(tokens, block_size, algo=self.algo, seed=self.seed)
+        return [external_block_hash(d) for d in digests] if self.as_int else list(digests)
+
+
+class HitSource(Protocol):
+    """Prompt tokens each instance holds for `request` (instances without hits left out)."""
+
+    def hits(self, request: Request, state: ClusterState, now: float) -> Mapping[str, int]: ...
+
+    def on_placed(self, request: Request, instance_id: str, state: ClusterState, now: float
+                  ) -> None: ...
+
+
+class IndexHits:
+    """Hits from a synchronous `KvIndex`; feeds it placements when it learns from routing.
+
+    Args:
+        index: the index to ask.
+        hasher: names the request's blocks.
+        block_size: tokens per block; None reads it from the first instance's metadata.
+        by_ip: the index's holders are `ip_kvs` addresses, not instance ids.
+    """
+
+    def __init__(self, index: KvIndex, hasher: BlockHasher | None = None, *,
+                 block_size: int | None = None, by_ip: bool = False) -> None:
+        self.index = index
+        self.hasher = hasher or SimHasher()
+        self.block_size = block_size
+        self.by_ip = by_ip
+        self._memo: tuple[str, int, Sequence[BlockKey]] | None = None
+        self._sizes: tuple[object, int] = (None, DEFAULT_BLOCK_SIZE)  # (metadata list, size)
+
+    def hits(self, request: Request, state: ClusterState, now: float) -> dict[str, int]:
+        self.index.advance(now)
+        bs = self._block_size(state)
+        blocks = self.index.hit_lengths(self._hashes(request, bs))
+        if self.by_ip:
+            blocks = {md.instance_id: blocks[md.ip_kvs]
+                      for md in state.metadata if md.ip_kvs in blocks}
+        cap = request.prompt_len
+        return {iid: min(n * bs, cap) for iid, n in blocks.items()}
+
+    def on_placed(self, request: Request, instance_id: str, state: ClusterState, now: float
+                  ) -> None:
+        if isinstance(self.index, ApproximateIndex):
+            hashes = self._hashes(request, self._block_size(state))
+            self.index.record(instance_id, hashes, now)
+
+    def _block_size(self, state: ClusterState) -> int:
+        if self.block_size:
+            return self.block_size
+        if self._sizes[0] is not state.metadata:  # a new list whenever the instance set changes
+            sizes = [md.block_size for md in state.metadata if md.block_size]
+            self._sizes = (state.metadata, sizes[0] if sizes else DEFAULT_BLOCK_SIZE)
+        return self._sizes[1]
+
+    def _hashes(self, request: Request, block_size: int) -> Sequence[BlockKey]:
+        """The request's hashes, computed once per request (its legs and its placement)."""
+        memo = self._memo
+        if memo is not None and memo[0] == request.request_id and memo[1] == block_size:
+            return memo[2]
+        hashes = self.hasher.hashes(request, block_size)
+        self._memo = (request.request_id, block_size, hashes)
+        return hashes
+
+
+class PrefetchedHits:
+    """Hits an async caller looked up before scheduling, by request id (bounded)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._hits: OrderedDict[str, Mapping[str, int]] = OrderedDict()
+
+    def put(self, request_id: str, hits: Mapping[str, int]) -> None:
+        self._hits[request_id] = hits
+        self._hits.move_to_end(request_id)
+        while len(self._hits) > self.capacity:
+            self._hits.popitem(last=False)
+
+    def hits(self, request: Request, state: ClusterState, now: float) -> Mapping[str, int]:
+        return self._hits.get(request.request_id, {})
+
+    def on_placed(self, request: Request, instance_id: str, state: ClusterState, now: float
+                  ) -> None:
+        """Kept: a PD request's second leg is placed after its first."""
+
+
+class PrefixHits:
+    """The cache-aware feature: fills `ctx.prefix_hit_tokens` from a `HitSource`.
+
+    `miss_weight` is what a missed prompt token counts in `cache_aware_all_prefills_tokens_num`
+    against a queued one (upstream: 1).
+    """
+
+    def __init__(self, source: HitSource, min_tokens: int = 0, miss_weight: float = 1.0
+                 ) -> None:
+        self.source = source
+        self.min_tokens = min_tokens
+        self.miss_weight = miss_weight
+
+    def prepare(self, ctx: SchedulingContext) -> None:
+        request, state = ctx.request, ctx.state
+        if request.prompt_len < self.min_tokens:
+            return
+        column = np.zeros(len(state))
+        for iid, tokens in self.source.hits(request, state, ctx.now).items():
+            row = state.row(iid)
+            if row is not None:
+                column[row] = tokens
+        ctx.prefix_hit_tokens = column
+        ctx.prefix_miss_weight = self.miss_weight
+
+    def on_statuses(self, state: ClusterState, samples: Sequence[ProfilingSample], now: float
+                    ) -> None:
+        """Statuses carry no cache content."""
+
+    def on_placed(self, request: Request, instance_id: str, state: ClusterState, now: float
+                  ) -> None:
+        self.source.on_placed(request, instance_id, state, now)
