@@ -107,7 +107,7 @@ class Mode:
     mooncake: int  # requests in the Mooncake-format workload
 
 
-DEFAULT = Mode(steps=5, sessions=3000, mooncake=12000)
+DEFAULT = Mode(steps=4, sessions=1500, mooncake=6000)
 QUICK = Mode(steps=3, sessions=800, mooncake=3000)
 
 
