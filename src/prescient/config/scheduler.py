@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Annotated, ClassVar, Literal
 
+from prescient.cache.hashing import VllmHashAlgo
 from prescient.config.cluster import CMS, DISCOVERY, PORT, ClusterSettings
 from prescient.config.settings import (
     DefaultChoice,
@@ -101,6 +102,41 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
         Literal["cache_aware_all_prefills_tokens_num", "kv_cache_hit_len"], Setting(
             CACHE, "Primary metric for prefill and neutral instances when cache-aware.")] = (
         "cache_aware_all_prefills_tokens_num")
+    cache_index: Annotated[Literal["approximate", "kv-events", "mooncake"], Setting(
+        CACHE, "Where prefix hits come from: approximate (the router's own history), "
+        "kv-events (the engines' KV events over ZMQ, found at each instance's "
+        "GET /kv_event_sources), or mooncake (the KV store's metadata service, --kvs-*).")] = (
+        "approximate")
+    cache_index_ttl_s: Annotated[float, Setting(
+        CACHE, "approximate: a routed prefix counts as cached on its instance this long, "
+        "seconds (Dynamo's 120; inf: until evicted by --cache-index-max-blocks).", gt=0)] = 120.0
+    cache_index_max_blocks: Annotated[int, Setting(
+        CACHE, "approximate and kv-events: blocks indexed at most; the least recently stored "
+        "are forgotten first.", ge=1)] = 1_000_000
+    cache_aware_miss_weight: Annotated[float, Setting(
+        CACHE, "What a prompt token missing from an instance's cache counts against a queued "
+        "one in cache_aware_all_prefills_tokens_num (upstream: 1).", gt=0)] = 2.0
+    cache_aware_balance_abs_threshold: Annotated[float, Setting(
+        CACHE, "Balance guard: drop instances with this many more in-flight requests than the "
+        "least loaded (and --cache-aware-balance-rel-threshold times as many); inf: off.",
+        ge=0)] = 64.0
+    cache_aware_balance_rel_threshold: Annotated[float, Setting(
+        CACHE, "Balance guard: the ratio to the least loaded instance's in-flight requests.",
+        ge=1)] = 1.5
+    prefix_caching_hash_algo: Annotated[VllmHashAlgo, Setting(
+        CACHE, "kv-events: the engines' --prefix-caching-hash-algo (vLLM's default sha256).")] = (
+        "sha256")
+    prefix_caching_hash_seed: Annotated[str, Setting(
+        CACHE, "kv-events: the engines' PYTHONHASHSEED, the root of vLLM's block-hash chain. "
+        "vLLM draws a random root when PYTHONHASHSEED is unset, and then no router can name "
+        "its blocks: set PYTHONHASHSEED on every engine to this value.")] = "0"
+    prefix_caching_block_size: Annotated[int, Setting(
+        CACHE, "kv-events: the engines' --block-size; 0: learned from their BlockStored "
+        "events, else the CMS metadata's block_size, else vLLM's 16.", ge=0)] = 0
+    kv_events_endpoints: Annotated[str, Setting(
+        CACHE, "kv-events: publishers by instance instead of asking GET /kv_event_sources: "
+        "'<instance>=<endpoint>[|<replay endpoint>],...'; others are still asked.",
+        metavar="ID=ENDPOINT[|REPLAY],...")] = ""
     kvs_backend: Annotated[Literal["mooncake", "v6d"], Setting(
         CACHE, "KV store metadata service backend.")] = "mooncake"
     kvs_hash_algo: Annotated[Literal["sha256_cbor", "sha256_hex", "xxhash"], Setting(
@@ -221,9 +257,31 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
                 f"--tpot-migrate-out-floor-threshold ({self.tpot_migrate_out_floor_threshold:g})"
                 f" must be <= --tpot-migrate-out-ceil-threshold "
                 f"({self.tpot_migrate_out_ceil_threshold:g})")
+        if self.cache_index != "approximate" and not self.enable_cache_aware_scheduling:
+            raise ConfigError(f"--cache-index {self.cache_index} needs "
+                              "--enable-cache-aware-scheduling")
+        if self.kv_events_endpoints:
+            parse_kv_events_endpoints(self.kv_events_endpoints)
         if self.colocated_rescheduling_mode and self.standalone_rescheduling_mode:
             raise ConfigError("--colocated-rescheduling-mode and --standalone-rescheduling-mode "
                               "are exclusive: the rescheduler runs in one place")
+
+
+def parse_kv_events_endpoints(text: str) -> dict[str, tuple[str, str | None]]:
+    """`--kv-events-endpoints`: instance id -> (PUB endpoint, replay endpoint or None)."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        iid, eq, endpoints = item.partition("=")
+        pub, _, replay = endpoints.partition("|")
+        if not eq or not iid.strip() or "://" not in pub:
+            raise ConfigError(f"--kv-events-endpoints: {item!r} is not "
+                              "<instance>=<endpoint>[|<replay endpoint>] "
+                              "(e.g. sim-8000=tcp://10.0.0.5:5557|tcp://10.0.0.5:5558)")
+        if replay and "://" not in replay:
+            raise ConfigError(f"--kv-events-endpoints: replay endpoint {replay!r} of "
+                              f"{iid.strip()!r} has no scheme (tcp://, ipc://)")
+        out[iid.strip()] = (pub.strip(), replay.strip() or None)
+    return out
 
 
 DEFAULT_CHOICES = (

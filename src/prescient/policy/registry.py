@@ -38,6 +38,7 @@ from prescient.cache.index import ApproximateIndex
 from prescient.errors import ConfigError
 from prescient.model import InferType
 from prescient.policy.account import LocalAccount
+from prescient.policy.adaptive_pd import adaptive_pd
 from prescient.policy.cache_aware import IndexHits, PrefixHits
 from prescient.policy.cache_peers import CACHE_PEER_POLICIES
 from prescient.policy.dispatcher import Dispatcher
@@ -112,6 +113,11 @@ class DispatchSettings(Protocol):
     enable_cache_aware_scheduling: bool
     cache_aware_scheduling_min_tokens: int
     dispatch_prefill_cache_locality_metric: str
+    cache_index_ttl_s: float
+    cache_index_max_blocks: int
+    cache_aware_miss_weight: float
+    cache_aware_balance_abs_threshold: float
+    cache_aware_balance_rel_threshold: float
 
 
 PolicyFactory = Callable[[DispatchSettings, random.Random], Dispatcher]
@@ -153,31 +159,16 @@ def disabled_in_lite_mode(settings: object) -> list[str]:
     return on
 
 
-APPROXIMATE_TTL_S = 120.0  # Dynamo's ApproxKvIndexer default
-APPROXIMATE_MAX_BLOCKS = 1_000_000
-# Prescient's cache-aware defaults (bench/cache_aware.py); 1.0 and inf restore upstream's cost
-CACHE_MISS_WEIGHT = 2.0
-CACHE_BALANCE_ABS = 64.0  # SGLang cache_aware's balance_abs_threshold
-CACHE_BALANCE_REL = 1.5  # ... and balance_rel_threshold
-
-
-def _setting(settings: object, name: str, default: float) -> float:
-    """A cache-aware knob that may not be a scheduler flag yet: its default until it is."""
-    return float(getattr(settings, name, default))
-
-
-def cache_feature(settings: object) -> PrefixHits:
+def cache_feature(settings: DispatchSettings) -> PrefixHits:
     """The cache-aware feature from `settings`: the router-history index by default.
 
     The index lives in `feature.source.index`; the live scheduler and the simulator replace
     the source when they have engine KV events or a KV-store metadata service.
     """
-    index = ApproximateIndex(
-        ttl_s=_setting(settings, "cache_index_ttl_s", APPROXIMATE_TTL_S),
-        max_blocks=int(_setting(settings, "cache_index_max_blocks", APPROXIMATE_MAX_BLOCKS)))
-    return PrefixHits(IndexHits(index),
-                      min_tokens=int(_setting(settings, "cache_aware_scheduling_min_tokens", 0)),
-                      miss_weight=_setting(settings, "cache_aware_miss_weight", CACHE_MISS_WEIGHT))
+    index = ApproximateIndex(ttl_s=settings.cache_index_ttl_s,
+                             max_blocks=settings.cache_index_max_blocks)
+    return PrefixHits(IndexHits(index), min_tokens=settings.cache_aware_scheduling_min_tokens,
+                      miss_weight=settings.cache_aware_miss_weight)
 
 
 def _cache_aware_pipeline(settings: DispatchSettings, load: Metric, threshold: float
@@ -194,9 +185,8 @@ def _cache_aware_pipeline(settings: DispatchSettings, load: Metric, threshold: f
     filters = _health_filters(settings)
     if not locality.lower_is_better:  # kv_cache_hit_len ranks by hits alone: keep the limit
         filters.append(MetricThreshold(load, threshold, soft=True))
-    guard = BalanceGuard(make_metric("num_requests"),
-                         _setting(settings, "cache_aware_balance_abs_threshold", CACHE_BALANCE_ABS),
-                         _setting(settings, "cache_aware_balance_rel_threshold", CACHE_BALANCE_REL))
+    guard = BalanceGuard(make_metric("num_requests"), settings.cache_aware_balance_abs_threshold,
+                         settings.cache_aware_balance_rel_threshold)
     return Pipeline(filters, MetricSelector([locality, load], settings.dispatch_top_k),
                     [Failover(settings.failover_domain), guard])
 
@@ -205,7 +195,7 @@ def _load_balance(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
     full = settings.enable_full_mode_scheduling
     disabled_in_lite_mode(settings)
     cache = None
-    if full and getattr(settings, "enable_cache_aware_scheduling", False):
+    if full and settings.enable_cache_aware_scheduling:
         cache = cache_feature(settings)
     pipelines = {}
     for infer_type in INFER_TYPES:
@@ -255,6 +245,8 @@ def _slo(settings: DispatchSettings, rng: random.Random, model: SloLatencyModel)
     """
     if not settings.enable_full_mode_scheduling:
         raise ConfigError("--scheduling-policy slo needs --enable-full-mode-scheduling=true")
+    if getattr(settings, "enable_adaptive_pd", False):
+        return adaptive_pd(settings, rng, model, _dispatcher)
     ttft, tpot = make_metric("predicted_ttft"), make_metric("predicted_tpot")
     s = settings
     ttft_ok = MetricThreshold(ttft, s.ttft_slo * s.ttft_slo_dispatch_threshold, soft=False)
@@ -316,7 +308,14 @@ def make_dispatcher(
     """Build the policy called `name` (also looking in `extra`, e.g. the simulator's oracle).
 
     The `slo` policy needs the latency model of its profiling files, loaded by the caller.
+    `--enable-adaptive-pd` turns it into adaptive PD (`policy/adaptive_pd.py`) and is an
+    error with any other policy or in lite mode.
     """
+    if getattr(settings, "enable_adaptive_pd", False):  # a scheduler flag, not a dispatch one
+        if not settings.enable_full_mode_scheduling:
+            raise ConfigError("--enable-adaptive-pd needs --enable-full-mode-scheduling=true")
+        if name != SLO_POLICY:
+            raise ConfigError(f"--enable-adaptive-pd needs --scheduling-policy slo, got {name!r}")
     if name == SLO_POLICY:
         if slo_model is None:
             raise ConfigError("the slo policy needs --ttft-profiling-data-path and "

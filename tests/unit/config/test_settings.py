@@ -145,6 +145,17 @@ CODE_FLAGS: list[tuple[str, Any, str, Any]] = [
 OWN_FLAGS: list[tuple[str, Any, str, Any]] = [
     ("--step-predictor", "quadratic", "structural", "structural"),
     ("--per-instance-predictors", False, "true", True),
+    ("--cache-index", "approximate", "approximate", "approximate"),  # others: test_cache_flags
+    ("--cache-index-ttl-s", 120.0, "inf", float("inf")),
+    ("--cache-index-max-blocks", 1_000_000, "5000", 5000),
+    ("--cache-aware-miss-weight", 2.0, "1", 1.0),
+    ("--cache-aware-balance-abs-threshold", 64.0, "inf", float("inf")),
+    ("--cache-aware-balance-rel-threshold", 1.5, "2", 2.0),
+    ("--prefix-caching-hash-algo", "sha256", "sha256_cbor", "sha256_cbor"),
+    ("--prefix-caching-hash-seed", "0", "42", "42"),
+    ("--prefix-caching-block-size", 0, "32", 32),
+    ("--kv-events-endpoints", "", "a=tcp://h:5557|tcp://h:5558",
+     "a=tcp://h:5557|tcp://h:5558"),
 ]
 
 ALL_FLAGS = SEED_FLAGS + CODE_FLAGS + OWN_FLAGS
@@ -469,3 +480,33 @@ def test_the_cli_parser_can_be_extended() -> None:
     parser = scheduler_parser(argparse.ArgumentParser(prog="x"))
     ns = parser.parse_args(["--dispatch-top-k", "2"])
     assert ns.dispatch_top_k == "2"  # raw text; typing happens with the flag named
+
+
+# --- cache-aware flags ---------------------------------------------------------------------------
+
+
+def test_a_cache_index_other_than_the_router_history_needs_cache_awareness() -> None:
+    with pytest.raises(ConfigError, match="--cache-index kv-events needs "
+                                          "--enable-cache-aware-scheduling"):
+        load("--cache-index", "kv-events")
+    on = load("--enable-cache-aware-scheduling", "--cache-index", "mooncake")
+    assert on.cache_index == "mooncake"
+
+
+@pytest.mark.parametrize("bad", ["--cache-index-ttl-s=0", "--cache-aware-miss-weight=0",
+                                 "--cache-aware-balance-rel-threshold=0.5",
+                                 "--cache-index-max-blocks=0", "--prefix-caching-block-size=-1",
+                                 "--prefix-caching-hash-algo=md5"])
+def test_cache_flags_reject_bad_values_naming_the_flag(bad: str) -> None:
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        load(bad)
+
+
+def test_kv_events_endpoints_parse_and_bad_ones_name_the_flag() -> None:
+    from prescient.config.scheduler import parse_kv_events_endpoints
+
+    assert parse_kv_events_endpoints("a=ipc:///tmp/a.ipc, b=tcp://h:1|tcp://h:2") == {
+        "a": ("ipc:///tmp/a.ipc", None), "b": ("tcp://h:1", "tcp://h:2")}
+    for bad in ("a", "=tcp://h:1", "a=h:1", "a=tcp://h:1|h:2"):
+        with pytest.raises(ConfigError, match="--kv-events-endpoints"):
+            load("--kv-events-endpoints", bad)

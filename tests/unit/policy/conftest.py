@@ -37,6 +37,14 @@ class Settings:
     tpot_slo: float = 50.0
     ttft_slo_dispatch_threshold: float = 1.0
     tpot_slo_dispatch_threshold: float = 1.0
+    enable_cache_aware_scheduling: bool = False
+    cache_aware_scheduling_min_tokens: int = 1024
+    dispatch_prefill_cache_locality_metric: str = "cache_aware_all_prefills_tokens_num"
+    cache_index_ttl_s: float = 120.0
+    cache_index_max_blocks: int = 1_000_000
+    cache_aware_miss_weight: float = 2.0
+    cache_aware_balance_abs_threshold: float = 64.0
+    cache_aware_balance_rel_threshold: float = 1.5
 
 
 def meta(iid: str, infer_type: InferType = InferType.NEUTRAL, node: str = "0", unit: str = "",
