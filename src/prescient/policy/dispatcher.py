@@ -21,6 +21,7 @@ import random
 from collections.abc import Mapping, Sequence
 
 import msgspec
+import numpy as np
 
 from prescient.cms.view import CmsView
 from prescient.model import (
@@ -84,6 +85,8 @@ class Dispatcher:
         # None: statuses come through the CMS (llumlet push + poll); a number: the policy
         # scrapes each engine's metrics itself this often, as peer routers do
         self.scrape_interval_s: float | None = None
+        # adaptive PD: every instance is a candidate for every leg, whatever its infer type
+        self.any_instance_any_leg = False
 
     # ---- the cluster view ------------------------------------------------------------------
 
@@ -187,7 +190,10 @@ class Dispatcher:
         pipeline = self.pipelines.get(infer_type)
         if pipeline is None or not len(self.state):
             return None
-        candidates = self.state.infer_type == INFER_CODES[infer_type]
+        if self.any_instance_any_leg:
+            candidates = np.ones(len(self.state), bool)
+        else:
+            candidates = self.state.infer_type == INFER_CODES[infer_type]
         if self.full_mode:
             candidates &= self.state.has_status
         ctx = SchedulingContext(request, self.state, now, self.rng)

@@ -34,11 +34,13 @@ class SchedulingContext:
     `prefix_hit_tokens` (cache-aware), `predicted_computed_tokens` (predictor-enhanced),
     `predicted_ttft_ms` / `predicted_tpot_ms` (SLO-aware). None means the feature is off.
     `prefix_miss_weight` is what one missed prompt token counts in the cache-aware cost.
+    `fallback` is True while the pipeline runs its pass without the soft filters (a selector
+    may choose differently then, as adaptive PD's decode selector does).
     """
 
-    __slots__ = ("_memo", "candidates", "needs_failover", "now", "predicted_computed_tokens",
-                 "predicted_tpot_ms", "predicted_ttft_ms", "prefix_hit_tokens",
-                 "prefix_miss_weight", "request", "rng", "state")
+    __slots__ = ("_memo", "candidates", "fallback", "needs_failover", "now",
+                 "predicted_computed_tokens", "predicted_tpot_ms", "predicted_ttft_ms",
+                 "prefix_hit_tokens", "prefix_miss_weight", "request", "rng", "state")
 
     def __init__(self, request: Request, state: ClusterState, now: float, rng: random.Random):
         self.request = request
@@ -47,6 +49,7 @@ class SchedulingContext:
         self.rng = rng
         self.needs_failover = np.zeros(len(state), bool)  # set by schedulability/staleness
         self.candidates = np.zeros(len(state), bool)  # the rows the pipeline started from
+        self.fallback = False
         self.prefix_hit_tokens: np.ndarray | None = None
         self.prefix_miss_weight = 1.0
         self.predicted_computed_tokens: np.ndarray | None = None
@@ -143,6 +146,7 @@ class Pipeline:
                ) -> np.ndarray:
         """One filter pass over `candidates`; the fallback pass skips soft filters."""
         ctx.candidates = candidates
+        ctx.fallback = fallback
         ctx.needs_failover[:] = False
         keep = candidates.copy()
         for f in self.filters:

@@ -9,17 +9,19 @@ upstream's rescheduling set:
 - `FailoverSources(staleness_s, domain)` (global): runs schedulability and staleness over every
   instance with a status, widens the failed ones to their failure domain and keeps **only** that
   set: the instances whose requests must leave.
-- `NotReserved(role)`: drops adaptive PD's reserved prefill or decode instance.
+- `NotReserved(role)`: drops adaptive PD's reserved prefill or decode instance (it lives with
+  the reservations in `policy/adaptive_pd.py`, which dispatch uses too).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
-
 import numpy as np
 
+from prescient.policy.adaptive_pd import NoReservations, NotReserved, Reservations
 from prescient.policy.filters import Failover, Fresh, MetricThreshold, Schedulable
 from prescient.policy.framework import SchedulingContext
+
+__all__ = ["AtLeast", "FailoverSources", "NoReservations", "NotReserved", "Reservations"]
 
 
 class AtLeast:
@@ -51,37 +53,3 @@ class FailoverSources:
         failed = ~self.domain.apply(ctx, np.ones(len(ctx.state), bool))
         ctx.candidates = candidates
         return keep & failed
-
-
-class Reservations(Protocol):
-    """Adaptive PD's reserved instances (ids, or None while none is reserved)."""
-
-    @property
-    def prefill(self) -> str | None: ...
-
-    @property
-    def decode(self) -> str | None: ...
-
-
-class NoReservations:
-    """No instance is reserved (adaptive PD off)."""
-
-    prefill: str | None = None
-    decode: str | None = None
-
-
-class NotReserved:
-    """Drops the instance reserved for `role`."""
-
-    soft = False
-
-    def __init__(self, reservations: Reservations, role: Literal["prefill", "decode"]) -> None:
-        self.reservations = reservations
-        self.role = role
-
-    def keep(self, ctx: SchedulingContext) -> np.ndarray:
-        keep = np.ones(len(ctx.state), bool)
-        row = ctx.state.row(getattr(self.reservations, self.role) or "")
-        if row is not None:
-            keep[row] = False
-        return keep

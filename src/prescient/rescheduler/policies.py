@@ -266,6 +266,9 @@ RESCHEDULING_POLICIES: dict[str, Callable[..., ReschedulingPolicy]] = {
 }
 
 
+ADAPTIVE_PD_POLICIES = ("binpacking_mitigation", "binpacking_consolidation")
+
+
 def make_rescheduling_policy(
     name: str, settings: ReschedulingSettings, *, slo_model: SloLatencyModel | None = None,
     reservations: Reservations | None = None,
@@ -282,8 +285,15 @@ def make_rescheduler(
     settings: ReschedulingSettings, rng: random.Random, *,
     slo_model: SloLatencyModel | None = None, reservations: Reservations | None = None,
 ) -> Rescheduler:
-    """The `--rescheduling-policies` in their order."""
+    """The `--rescheduling-policies` in their order.
+
+    With `--enable-adaptive-pd` the bin-packing policies are added after them when missing, as
+    upstream does (mitigation first).
+    """
+    names = list(settings.rescheduling_policies)
+    if getattr(settings, "enable_adaptive_pd", False):
+        names += [name for name in ADAPTIVE_PD_POLICIES if name not in names]
     policies = [make_rescheduling_policy(name, settings, slo_model=slo_model,
                                          reservations=reservations)
-                for name in settings.rescheduling_policies]
+                for name in names]
     return Rescheduler(policies, rng)

@@ -8,6 +8,16 @@ poll read. Pushes between
 two polls overwrite each other, so only the last push before each poll is simulated (a
 `capture` event), which gives the same view at a fraction of the events.
 
+P/D disaggregation: when some instances are prefill or decode instances (`InstanceSpec.
+instance_type`, a static split) or with `--enable-adaptive-pd`, each request is scheduled in
+`pd_batch` mode (both legs at arrival) or, with `--separate-pd-scheduling`, `pd_staged` (the
+decode leg once the prefill is done), as the live gateway's PD forwarding does. The prefill
+instance runs the prompt with one output token (vLLM's `max_tokens=1`); its KV then crosses the
+migration link (`MigrationSettings`: a handshake plus the prompt's KV bytes at the link's
+bandwidth; nothing when both legs are on one instance) and the decode instance computes the
+last prompt token and every output token (`SimEngine.add_request(prefilled=True)`). The
+client's first token is the decode instance's.
+
 With `--enable-rescheduling`, a rescheduler reads that same view every
 `--rescheduling-interval-ms` and its plans run on the engines (`sim/migration.py`). Instances
 can fail mid-run (`SimSettings.failures`): a crashed one stops, its llumlet with it (its status
@@ -29,11 +39,12 @@ from prescient.config.presets import get_preset
 from prescient.config.scheduler import SchedulerSettings
 from prescient.engine import EngineConfig, EngineRequest, SimEngine
 from prescient.errors import ConfigError
-from prescient.model import InstanceMetadata, InstanceStatus, Request
-from prescient.policy import Dispatcher, make_dispatcher
+from prescient.model import InferType, InstanceMetadata, InstanceStatus, Request
+from prescient.policy import Dispatcher, SchedulingMode, make_dispatcher
+from prescient.policy.adaptive_pd import reservations_of
 from prescient.predict.output_length import make_output_predictor
 from prescient.predict.slo import SloLatencyModel
-from prescient.rescheduler import MigrationSettings, Rescheduler, make_rescheduler
+from prescient.rescheduler import MigrationSettings, Rescheduler, copy_time_s, make_rescheduler
 from prescient.sim.loop import EventLoop, Order
 from prescient.sim.migration import MigrationRecord, Migrator
 from prescient.sim.oracle import oracle_policy
@@ -48,6 +59,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     instance_id: str
     preset: str = "llama3-8b-h100"
+    instance_type: InferType = InferType.NEUTRAL  # prefill / decode: a static P/D split
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     num_gpu_blocks: int | None = None  # None: the preset's capacity
@@ -90,6 +102,18 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{name} must be > 0")
         if self.wait_scheduling_timeout_s < 0:
             raise ConfigError("wait_scheduling_timeout_s must be >= 0")
+
+
+class _PdLegs:
+    """A request between its arrival and its decode leg: prefilling, then its KV in transit."""
+
+    __slots__ = ("decode", "prefill", "request", "since")
+
+    def __init__(self, request: Request, prefill: str, decode: str | None) -> None:
+        self.request = request  # the whole request (the prefill leg runs a one-token copy)
+        self.prefill = prefill
+        self.decode = decode  # None until chosen (pd_staged)
+        self.since = 0.0  # the first try to place the decode leg (pd_staged)
 
 
 class SimResult(msgspec.Struct, kw_only=True):
@@ -155,12 +179,20 @@ class ClusterSim:
             slo_model=slo_model,
         )
         self.loop = EventLoop()
+        types = {s.instance_id: s.instance_type for s in instances}
         self.policy.on_instances({
             iid: InstanceMetadata(
                 instance_id=iid, unit_id=iid, block_size=e.config.block_size,
-                max_num_batched_tokens=e.config.max_num_batched_tokens)
+                max_num_batched_tokens=e.config.max_num_batched_tokens,
+                instance_type=types[iid])
             for iid, e in self.engines.items()
         }, 0.0)
+        flags = settings.scheduler
+        self._pd_mode: SchedulingMode | None = None
+        if flags.enable_adaptive_pd or any(t != InferType.NEUTRAL for t in types.values()):
+            self._pd_mode = (SchedulingMode.PD_STAGED if flags.separate_pd_scheduling
+                             else SchedulingMode.PD_BATCH)
+        self._pd: dict[str, _PdLegs] = {}  # requests before their decode leg, by id
         # llumlet pushes since the last poll (None: the CMS key expired)
         self._pushed: dict[str, InstanceStatus | None] = {}
         self._push_phase = {iid: rng.uniform(0, settings.status_push_interval_s)
@@ -178,12 +210,13 @@ class ClusterSim:
         self._boundary_ops: dict[str, list[Callable[[], None]]] = {i: [] for i in self.engines}
         self._at_boundary: set[str] = set()  # engines running their boundary ops right now
         self.rescheduler: Rescheduler | None = None
-        flags = settings.scheduler
         if flags.enable_rescheduling and flags.enable_full_mode_scheduling:
             self.rescheduler = make_rescheduler(
-                flags, random.Random(rng.getrandbits(64)), slo_model=slo_model)
-        kv_bytes = {s.instance_id: get_preset(s.preset).kv_bytes_per_token for s in instances}
-        self.migrator = Migrator(self, self.engines, kv_bytes, settings.migration)
+                flags, random.Random(rng.getrandbits(64)), slo_model=slo_model,
+                reservations=reservations_of(self.policy))
+        self._kv_bytes = {s.instance_id: get_preset(s.preset).kv_bytes_per_token
+                          for s in instances}
+        self.migrator = Migrator(self, self.engines, self._kv_bytes, settings.migration)
         self._dead: set[str] = set()  # crashed instances
         self._draining: set[str] = set()  # instances reporting themselves unschedulable
         self._refusing: dict[str, float] = {}  # gateway: avoid this instance until (time)
@@ -276,7 +309,10 @@ class ClusterSim:
         """Schedule and hand to the engine; on "no available instance" retry as a gateway does."""
         now = self.loop.now
         record = self._records[req.request_id]
-        decision = self.policy.schedule(req, now)
+        if self._pd_mode is None:
+            decision = self.policy.schedule(req, now)
+        else:
+            decision = self.policy.schedule(req, now, self._pd_mode, InferType.PREFILL)
         iid = decision.instance_id
         if iid is None:
             retry_at = now + self.settings.wait_scheduling_retry_interval_s
@@ -289,10 +325,23 @@ class ClusterSim:
             iid = self._gateway_fallback(req)
             if iid is None:
                 return
+        if self._pd_mode is not None:
+            legs = decision.placements
+            decode = legs[1].instance_id if len(legs) > 1 else None
+            self._pd[req.request_id] = _PdLegs(req, iid, decode)
+            if req.output_len > 1:  # the prefill leg: vLLM's max_tokens=1
+                req = msgspec.structs.replace(req, output_len=1)
+        self._hand_over(iid, req)
+
+    def _hand_over(self, iid: str, req: Request, *, prefilled: bool = False) -> None:
+        """Queue `req` on the engine and wake it (or reject the request if it never fits)."""
+        now = self.loop.now
+        record = self._records[req.request_id]
         record.instance_id = iid
         engine = self.engines[iid]
-        refused = engine.add_request(req, now)
+        refused = engine.add_request(req, now, prefilled=prefilled)
         if refused:
+            self._pd.pop(req.request_id, None)
             self.policy.release(req.request_id, now)
             self._reject(record, refused)
         elif engine.busy:
@@ -349,7 +398,68 @@ class ClusterSim:
         self._at_boundary.discard(iid)
         self._start(iid)
 
+    # ---- P/D disaggregation -----------------------------------------------------------------
+
+    def _prefill_done(self, req: EngineRequest, legs: _PdLegs) -> None:
+        """The prefill leg computed the prompt: place the decode leg (pd_staged), move the KV."""
+        record = self._records[req.request_id]
+        if record.first_scheduled_time is None:
+            record.first_scheduled_time = req.first_scheduled_time
+            record.num_cached_tokens = req.num_cached_tokens
+        record.num_preemptions += req.num_preemptions
+        legs.since = self.loop.now
+        if legs.decode is None:
+            self._place_decode(legs)
+        else:
+            self._transfer(legs)
+
+    def _place_decode(self, legs: _PdLegs) -> None:
+        """pd_staged: schedule the decode leg; on "no available instance" retry as a gateway."""
+        now, req = self.loop.now, legs.request
+        decision = self.policy.schedule(req, now, SchedulingMode.PD_STAGED, InferType.DECODE)
+        if decision.instance_id is None:
+            if now + self.settings.wait_scheduling_retry_interval_s - legs.since <= (
+                    self.settings.wait_scheduling_timeout_s):
+                self.after(self.settings.wait_scheduling_retry_interval_s,
+                           lambda: self._place_decode(legs))
+            else:
+                self._pd.pop(req.request_id, None)
+                self.policy.release(req.request_id, now)
+                self._reject(self._records[req.request_id], "no available decode instance")
+            return
+        legs.decode = decision.instance_id
+        self._transfer(legs)
+
+    def _transfer(self, legs: _PdLegs) -> None:
+        """The prompt's KV crosses the link to the decode instance (none if it stays put)."""
+        delay = 0.0
+        if legs.decode != legs.prefill:
+            bs = self.engines[legs.prefill].config.block_size
+            blocks = -(-legs.request.prompt_len // bs)
+            delay = copy_time_s(blocks, bs, self._kv_bytes[legs.prefill], self.settings.migration)
+        self.after(delay, lambda: self._start_decode(legs))
+
+    def _start_decode(self, legs: _PdLegs) -> None:
+        req = legs.request
+        if self._pd.get(req.request_id) is not legs:
+            return  # the request was replayed meanwhile
+        del self._pd[req.request_id]
+        assert legs.decode is not None
+        now = self.loop.now
+        if legs.decode in self._dead or self._refusing.get(legs.decode, -1.0) > now:
+            # the decode instance refuses the connection: the gateway starts the request over
+            self.policy.release(req.request_id, now)
+            self._num_replayed += 1
+            self._dispatch(msgspec.structs.replace(req, arrival_time=now))
+            return
+        self._hand_over(legs.decode, req, prefilled=True)
+
     def _finish(self, req: EngineRequest) -> None:
+        legs = self._pd.get(req.request_id)
+        if legs is not None and legs.request.output_len > 1:
+            self._prefill_done(req, legs)
+            return
+        self._pd.pop(req.request_id, None)
         record = self._records[req.request_id]
         _merge_timings(record, req)
         record.finish_time = req.finish_time
@@ -429,11 +539,12 @@ class ClusterSim:
         record = self._records[req.request_id]
         _merge_timings(record, req)
         self.policy.release(req.request_id, now)
+        legs = self._pd.pop(req.request_id, None)  # a prefill leg runs a one-token copy
         if not self.settings.gateway_replay:
             self._reject(record, LOST)
             return
         self._num_replayed += 1
-        original = req.request  # (after an earlier replay: that replay's request)
+        original = legs.request if legs is not None else req.request  # (or an earlier replay)
         replay = msgspec.structs.replace(original, arrival_time=now)
         if streamed:
             replay = msgspec.structs.replace(
