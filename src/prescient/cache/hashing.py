@@ -29,11 +29,12 @@ vectorised pass (a 32k-token prompt hashes in a few milliseconds). The tests che
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import pickle
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -143,6 +144,7 @@ def vllm_hash_function(algo: VllmHashAlgo) -> Callable[[Any], bytes]:
     return lambda obj: hashlib.sha256(serialize(obj)).digest()
 
 
+@functools.lru_cache(maxsize=16)
 def none_hash(algo: VllmHashAlgo, seed: str) -> bytes:
     """vLLM's `NONE_HASH`: the root parent, `H(PYTHONHASHSEED)` (the string, not a number)."""
     return vllm_hash_function(algo)(seed)
@@ -173,6 +175,47 @@ def vllm_block_hashes(
         parent = fn((parent, tokens, extra_keys))
         out.append(parent)
     return out
+
+
+def iter_vllm_block_hashes(
+    token_ids: Sequence[int], block_size: int, *, algo: VllmHashAlgo = "sha256",
+    seed: str = "0", length: int | None = None,
+) -> Iterator[bytes]:
+    """`vllm_block_hashes` of `token_ids[:length]`, one block at a time, for a caller that
+    may stop early.
+
+    A lookup needs block `i + 1` only while some holder has blocks `0..i`, so hashing lazily
+    costs the prompt's hit length, not its length (no extra keys: plain-text prompts). Nothing
+    is copied or encoded ahead: sha256_cbor pre-encodes runs of blocks that double in size.
+    """
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    n = (len(token_ids) if length is None else min(length, len(token_ids))) // block_size
+    if not n:
+        return
+    parent = none_hash(algo, seed)
+    if algo == "sha256_cbor":
+        head, tail, sha256 = _head(4, block_size), cbor_canonical(None), hashlib.sha256
+        done, run = 0, 4
+        while done < n:
+            upto = min(n, done + run)
+            items, offsets = _cbor_token_items(
+                np.asarray(token_ids[done * block_size:upto * block_size]))
+            for start, end in itertools.pairwise(offsets[::block_size].tolist()):
+                h = sha256(b"\x83" + _head(2, len(parent)) + parent + head)
+                h.update(items[start:end])
+                h.update(tail)
+                parent = h.digest()
+                yield parent
+            done, run = upto, run * 2
+        return
+    fn, as_list = vllm_hash_function(algo), algo.endswith("_msgpack")
+    for b in range(n):
+        block = token_ids[b * block_size:(b + 1) * block_size]
+        if isinstance(block, np.ndarray):  # pickle and msgpack must see Python ints
+            block = block.tolist()
+        parent = fn((parent, list(block) if as_list else tuple(block), None))
+        yield parent
 
 
 def _sha256_cbor_chain(tokens: np.ndarray, block_size: int, root: bytes,

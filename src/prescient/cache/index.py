@@ -30,7 +30,7 @@ BlockKey = Hashable  # an engine block hash (int or bytes) or a KV-store key (st
 class KvIndex(Protocol):
     """A KV-cache index the router can ask synchronously."""
 
-    def hit_lengths(self, block_hashes: Sequence[BlockKey]) -> dict[str, int]:
+    def hit_lengths(self, block_hashes: Iterable[BlockKey]) -> dict[str, int]:
         """Per holder with a hit: its contiguous run of held blocks from the first block."""
         ...
 
@@ -156,7 +156,7 @@ class BlockIndex:
 
     # ---- lookup ----------------------------------------------------------------------------
 
-    def hit_lengths(self, block_hashes: Sequence[BlockKey]) -> dict[str, int]:
+    def hit_lengths(self, block_hashes: Iterable[BlockKey]) -> dict[str, int]:
         return contiguous_hits(map(self._blocks.get, block_hashes, repeat(0)), self._holder)
 
     def advance(self, now: float) -> None:

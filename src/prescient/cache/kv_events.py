@@ -148,12 +148,13 @@ class KvEventsIndex:
         self.on_gap = on_gap
         self.num_gaps = 0
         self.num_resyncs = 0
+        self.block_size = 0  # the engines' block size, from BlockStored events (0: none yet)
         self._last_seq: dict[str, int] = {}
         self._pending: dict[str, dict[int, EventBatch]] = {}
 
     # ---- the KvIndex protocol --------------------------------------------------------------
 
-    def hit_lengths(self, block_hashes: Sequence[BlockKey]) -> dict[str, int]:
+    def hit_lengths(self, block_hashes: Iterable[BlockKey]) -> dict[str, int]:
         return self.blocks.hit_lengths(block_hashes)
 
     def advance(self, now: float) -> None:
@@ -210,6 +211,20 @@ class KvEventsIndex:
         """Batches of `instance_id` are held back behind a gap."""
         return instance_id in self._pending
 
+    def start_instance(self, instance_id: str) -> None:
+        """Expect `instance_id`'s batches from sequence 0, knowing nothing of its cache.
+
+        For a new subscription (a replay from 0 then rebuilds what the engine published
+        before) and for a publisher that restarted (its sequence went back; its cache is new).
+        """
+        self.blocks.clear(instance_id)
+        self._last_seq[instance_id] = -1
+        self._pending.pop(instance_id, None)
+
+    def last_seq(self, instance_id: str) -> int | None:
+        """The last sequence number applied from `instance_id` (None: not started)."""
+        return self._last_seq.get(instance_id)
+
     def drop_instance(self, instance_id: str) -> None:
         """The instance is gone: forget its blocks and its sequence."""
         self.blocks.drop_holder(instance_id)
@@ -240,6 +255,8 @@ class KvEventsIndex:
             if isinstance(event, BlockStored):
                 if event.medium in media and not event.group_idx:
                     blocks.store(instance_id, event.block_hashes)
+                    if event.block_size:
+                        self.block_size = event.block_size
             elif isinstance(event, BlockRemoved):
                 if event.medium in media and not event.group_idx:
                     blocks.remove(instance_id, event.block_hashes)

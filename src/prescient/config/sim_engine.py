@@ -22,6 +22,7 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
+from prescient.cache.hashing import VllmHashAlgo
 from prescient.config.presets import get_preset, preset_names
 from prescient.config.settings import Setting, add_arguments, new_parser, parse_settings
 from prescient.errors import ConfigError
@@ -88,6 +89,15 @@ class SimEngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     profiling_steps: Annotated[int, Setting(
         ENGINE, "Profiling samples exported at most (LLUMNIX_PROFILING_STEPS).", ge=1)] = 50
 
+    prefix_caching_hash_algo: Annotated[VllmHashAlgo, Setting(
+        ENGINE, "With KV events: vLLM's hash of token-id prompts' blocks (the root is "
+        "H(PYTHONHASHSEED), random when the variable is unset, as in vLLM).")] = "sha256"
+    kv_events_config: Annotated[str, Setting(
+        ENGINE, "Publish the prefix cache's changes as vLLM does: vLLM's KVEventsConfig JSON, "
+        'e.g. \'{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": '
+        '"tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\'; served at GET '
+        "/kv_event_sources. Empty: none.", metavar="JSON")] = ""
+
     kv_transfer_bandwidth_gb_s: Annotated[float, Setting(
         ENGINE, "P/D disaggregation: a decode instance given a request with "
         "kv_transfer_params.do_remote_prefill waits for the prompt's KV (the preset's bytes "
@@ -117,6 +127,9 @@ class SimEngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         "(LLUMNIX_ENGINE_GET_STATUS_TIMEOUT).", gt=0)] = 30.0
 
     def __post_init__(self) -> None:
+        from prescient.simengine.kv_publisher import parse_kv_events_config
+
+        parse_kv_events_config(self.kv_events_config)
         try:
             get_preset(self.preset)
         except ConfigError as e:

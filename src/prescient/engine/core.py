@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable, Sequence
 from itertools import count, islice
 
 import msgspec
@@ -87,6 +88,9 @@ class SimEngine:
         self.model = model
         self.pool = BlockPool(config.num_gpu_blocks, config.block_size)
         self._bs = config.block_size
+        # names token-id prompts' full blocks (e.g. as vLLM does, for a server publishing KV
+        # events); None: the simulator's own chain, `_hashes`
+        self.token_hasher: Callable[[Sequence[int], int], list[int]] | None = None
         self._watermark_blocks = int(config.watermark * config.num_gpu_blocks)
         self._step = 0  # steps completed
         self._num_updates = 0  # status updates produced
@@ -246,6 +250,11 @@ class SimEngine:
             done = 0 if now is None else self._steps_done(now)
             return req.num_output + self._step + done - req.g0
         return req.num_output
+
+    def num_cached_tokens(self, request_id: str) -> int:
+        """Prompt tokens a live request found in the prefix cache when first scheduled."""
+        req = self._live.get(request_id)
+        return 0 if req is None else req.num_cached_tokens
 
     def live_requests(self) -> tuple[EngineRequest, ...]:
         """Every request waiting, running or arrived by migration, in arrival order."""
@@ -725,8 +734,11 @@ class SimEngine:
         if len(hashes) >= upto:
             return hashes
         bs, request = self._bs, req.request
-        h = hashes[-1] if hashes else 0
         token_ids, ids = request.prompt_token_ids, request.prefix_block_ids
+        if token_ids is not None and self.token_hasher is not None:
+            hashes[:] = self.token_hasher(token_ids, bs)  # every full block: upto is below
+            return hashes
+        h = hashes[-1] if hashes else 0
         size = request.prefix_block_size
         for b in range(len(hashes), upto):
             s = b * bs

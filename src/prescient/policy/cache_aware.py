@@ -37,7 +37,7 @@ instances' `block_size` from their metadata unless fixed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -45,9 +45,9 @@ import numpy as np
 from prescient.cache.hashing import (
     VllmHashAlgo,
     external_block_hash,
+    iter_vllm_block_hashes,
     sim_block_hashes,
     sim_prompt_blocks,
-    vllm_block_hashes,
 )
 from prescient.cache.index import ApproximateIndex, BlockKey, KvIndex
 from prescient.cms.view import ProfilingSample
@@ -85,12 +85,16 @@ class VllmHasher:
         self.as_int = as_int
 
     def hashes(self, request: Request, block_size: int) -> list[BlockKey]:
+        return list(self.iter_hashes(request, block_size))
+
+    def iter_hashes(self, request: Request, block_size: int) -> Iterator[BlockKey]:
+        """The same, block by block: a lookup stops hashing where nobody holds the prefix."""
         if request.prompt_token_ids is None:
-            return []
+            return iter(())
         # the engine never serves the last prompt token from cache
-        tokens = request.prompt_token_ids[: request.prompt_len - 1]
-        digests = vllm_block_hashes(tokens, block_size, algo=self.algo, seed=self.seed)
-        return [external_block_hash(d) for d in digests] if self.as_int else list(digests)
+        digests = iter_vllm_block_hashes(request.prompt_token_ids, block_size, algo=self.algo,
+                                         seed=self.seed, length=request.prompt_len - 1)
+        return map(external_block_hash, digests) if self.as_int else digests
 
 
 class HitSource(Protocol):
@@ -108,23 +112,34 @@ class IndexHits:
     Args:
         index: the index to ask.
         hasher: names the request's blocks.
-        block_size: tokens per block; None reads it from the first instance's metadata.
+        block_size: tokens per block; None: `learned_block_size()` when it says (e.g. the
+            engines' BlockStored events), else the first instance's metadata.
         by_ip: the index's holders are `ip_kvs` addresses, not instance ids.
+        lazy: hash block by block during the lookup (a hasher with `iter_hashes`; the index
+            must not learn from placements), so a prompt costs its hit length to hash.
     """
 
     def __init__(self, index: KvIndex, hasher: BlockHasher | None = None, *,
-                 block_size: int | None = None, by_ip: bool = False) -> None:
+                 block_size: int | None = None, by_ip: bool = False, lazy: bool = False,
+                 learned_block_size: Callable[[], int] | None = None) -> None:
         self.index = index
         self.hasher = hasher or SimHasher()
         self.block_size = block_size
         self.by_ip = by_ip
+        self.learned_block_size = learned_block_size
+        self._lazy = getattr(self.hasher, "iter_hashes", None) if lazy else None
+        if lazy and (self._lazy is None or isinstance(index, ApproximateIndex)):
+            raise ValueError("lazy hashing needs a hasher with iter_hashes and an index that "
+                             "does not learn from placements")
         self._memo: tuple[str, int, Sequence[BlockKey]] | None = None
         self._sizes: tuple[object, int] = (None, DEFAULT_BLOCK_SIZE)  # (metadata list, size)
 
     def hits(self, request: Request, state: ClusterState, now: float) -> dict[str, int]:
         self.index.advance(now)
         bs = self._block_size(state)
-        blocks = self.index.hit_lengths(self._hashes(request, bs))
+        hashes = (self._lazy(request, bs) if self._lazy is not None
+                  else self._hashes(request, bs))
+        blocks = self.index.hit_lengths(hashes)
         if self.by_ip:
             blocks = {md.instance_id: blocks[md.ip_kvs]
                       for md in state.metadata if md.ip_kvs in blocks}
@@ -140,6 +155,8 @@ class IndexHits:
     def _block_size(self, state: ClusterState) -> int:
         if self.block_size:
             return self.block_size
+        if self.learned_block_size is not None and (learned := self.learned_block_size()):
+            return learned
         if self._sizes[0] is not state.metadata:  # a new list whenever the instance set changes
             sizes = [md.block_size for md in state.metadata if md.block_size]
             self._sizes = (state.metadata, sizes[0] if sizes else DEFAULT_BLOCK_SIZE)

@@ -39,6 +39,7 @@ from prescient.errors import ConfigError
 from prescient.model import InferType, InstanceMetadata, InstanceStatus, Placement, Request
 from prescient.policy.dispatcher import Dispatcher, SchedulingMode
 from prescient.policy.registry import SLO_POLICY, make_dispatcher
+from prescient.scheduler.cache_wiring import make_live_cache
 from prescient.scheduler.wire import (
     Endpoint,
     LLMInstance,
@@ -95,6 +96,9 @@ class SchedulerCore:
                                           random.Random(rng_seed), slo_model=_slo_model(settings))
         # the one feature that reads token ids (cache-aware) is full mode only
         self._keep_token_ids = self.full_mode and settings.enable_cache_aware_scheduling
+        self._cache = (make_live_cache(settings, self.dispatcher) if self._keep_token_ids
+                       else None)
+        self._prefetch = getattr(self._cache, "prefetch", None)  # mooncake: a network lookup
         self._store, self._owns_store = store, False
         self._resolver, self._owns_resolver = resolver, False
         self._reader: CmsReader | None = None
@@ -124,8 +128,11 @@ class SchedulerCore:
 
             self._store, self._owns_store = make_store(self.settings), True
         s = self.settings
+        if self._cache is not None:
+            await self._cache.start()
         self._reader = CmsReader(
-            self._store, _WallClockSink(self.dispatcher, self._clock),
+            self._store, _WallClockSink(self.dispatcher, self._clock,
+                                        self._cache.on_instances if self._cache else None),
             status_interval_s=s.cms_pull_status_interval_ms / 1000,
             metadata_interval_s=s.cms_pull_metadata_interval_ms / 1000)
         await self._reader.poll_metadata()
@@ -150,6 +157,8 @@ class SchedulerCore:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._cache is not None:
+            await self._cache.close()
         if self._owns_store and self._store is not None:
             await self._store.close()
             self._store, self._owns_store = None, False
@@ -196,6 +205,8 @@ class SchedulerCore:
         if mode is SchedulingMode.PD_STAGED and stage is None:
             raise InvalidScheduleRequestError(
                 "scheduling_mode pd_staged needs scheduling_stage prefill or decode")
+        if self._prefetch is not None:
+            await self._prefetch(job)
         try:
             decision = self.dispatcher.schedule(job, self._clock(), mode, stage)
         except CmsUnavailableError as e:
@@ -297,11 +308,16 @@ class _WallClockSink:
     stall them); the dispatcher's `now` must be on the llumlets' wall clock.
     """
 
-    def __init__(self, dispatcher: Dispatcher, clock: Callable[[], float]) -> None:
+    def __init__(self, dispatcher: Dispatcher, clock: Callable[[], float],
+                 on_instances: Callable[[Mapping[str, InstanceMetadata]], None] | None = None
+                 ) -> None:
         self._dispatcher, self._clock = dispatcher, clock
+        self._on_instances = on_instances  # the live cache index follows the instance set
 
     def on_instances(self, metadata: Mapping[str, InstanceMetadata], now: float) -> None:
         self._dispatcher.on_instances(metadata, self._clock())
+        if self._on_instances is not None:
+            self._on_instances(metadata)
 
     def on_statuses(self, statuses: Mapping[str, InstanceStatus | None], now: float) -> None:
         self._dispatcher.on_statuses(statuses, self._clock())

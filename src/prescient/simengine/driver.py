@@ -53,6 +53,7 @@ class TokenStream:
         self.finish_time: float | None = None
         self.finish_reason: str | None = None
         self.num_tokens = 0  # produced so far
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache (at first token)
         self._vocabulary = vocabulary
         self._rng = random.Random(zlib.crc32(request.request_id.encode()))
         self._pending: deque[int] = deque()
@@ -245,6 +246,9 @@ class RealtimeEngine:
         count = self.engine.num_output_tokens
         for rid, stream in list(self._streams.items()):
             req = done.get(rid)
+            if not stream.num_tokens:  # the prefix-cache hit is known once it is scheduled
+                stream.num_cached_tokens = (req.num_cached_tokens if req is not None
+                                            else self.engine.num_cached_tokens(rid))
             stream._produce(req.num_output if req is not None else count(rid), end)
             if req is not None:
                 stream._finish(FINISH_LENGTH, end)

@@ -88,6 +88,12 @@ class EngineMetrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request "
                              "latency in seconds.", names, buckets=_E2E_BUCKETS,
                              registry=reg).labels(**labels)
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
+            "tokens.", names, registry=reg).labels(**labels)
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached "
+            "tokens.", names, registry=reg).labels(**labels)
         # P/D disaggregation: prompt tokens whose KV arrived from a prefill instance (not
         # computed here), and the requests that brought it
         self.kv_received_tokens = Counter(
@@ -101,9 +107,12 @@ class EngineMetrics:
                         "enable_prefix_caching": str(enable_prefix_caching)}
         reg.register(_EngineGauges(labels, snapshot, cache_config))
 
-    def first_token(self, prompt_tokens: int, ttft_s: float) -> None:
-        """A request's prefill finished: its prompt counts as processed."""
+    def first_token(self, prompt_tokens: int, ttft_s: float, cached_tokens: int = 0) -> None:
+        """A request's prefill finished: its prompt counts as processed, `cached_tokens` of it
+        served from the prefix cache."""
         self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_cache_queries.inc(prompt_tokens)
+        self.prefix_cache_hits.inc(cached_tokens)
         self.ttft.observe(ttft_s)
 
     def kv_received(self, tokens: int) -> None:

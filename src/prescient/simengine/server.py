@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 import uuid
@@ -56,6 +57,7 @@ from prescient.openai_api import (
     error_body,
 )
 from prescient.simengine.driver import FINISH_ABORT, RealtimeEngine, TokenStream
+from prescient.simengine.kv_publisher import attach_publisher, parse_kv_events_config
 from prescient.simengine.metrics import CONTENT_TYPE, EngineMetrics
 from prescient.simengine.pd import (
     prefill_answer,
@@ -135,6 +137,9 @@ class SimEngineServer:
                                      block_size=config.block_size,
                                      num_gpu_blocks=config.num_gpu_blocks,
                                      enable_prefix_caching=config.enable_prefix_caching)
+        self.kv_events_config = parse_kv_events_config(settings.kv_events_config)
+        self.kv_events = attach_publisher(self.engine, self.kv_events_config,
+                                          settings.prefix_caching_hash_algo, os.environ)
         self.llumlet: Any = None  # prescient.llumlet.agent.Llumlet when --enable-llumlet
         self.created = int(time.time())
 
@@ -142,6 +147,8 @@ class SimEngineServer:
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: run the engine (and the llumlet) while the app runs."""
+        if self.kv_events is not None:
+            await self.kv_events.start()
         engine_task = asyncio.create_task(self.driver.run(), name="sim-engine")
         own_store = llumlet_task = None
         if self.settings.enable_llumlet:
@@ -158,6 +165,8 @@ class SimEngineServer:
                     await asyncio.gather(task, return_exceptions=True)
             if own_store is not None:
                 await own_store.close()
+            if self.kv_events is not None:
+                await self.kv_events.close()
 
     def _start_llumlet(self) -> tuple[Any, asyncio.Task[None]]:
         """Start the llumlet; returns the store it made (to close), or None, and its task."""
@@ -301,7 +310,8 @@ class SimEngineServer:
         now = stream.last_token_time
         if first and stream.first_token_time is not None:
             self.metrics.first_token(stream.prompt_len,
-                                     stream.first_token_time - stream.arrival_time)
+                                     stream.first_token_time - stream.arrival_time,
+                                     stream.num_cached_tokens)
         gap = None if previous is None or now is None else now - previous
         self.metrics.tokens(n, gap)
         return now
@@ -415,6 +425,11 @@ class SimEngineServer:
         self._check_model(body.model)
         return _json({"prompt": self.tokenizer.decode(body.tokens)})
 
+    async def kv_event_sources(self, request: web.Request) -> web.Response:
+        """vLLM's `GET /kv_event_sources`: where this engine publishes, per DP rank."""
+        config = self.kv_events_config
+        return _json(config.sources() if config is not None and config.publishes else {})
+
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -483,6 +498,7 @@ def build_app(settings: SimEngineSettings,
     app.router.add_post("/tokenize", server.tokenize)
     app.router.add_post("/detokenize", server.detokenize)
     app.router.add_get("/metrics", server.metrics_page)
+    app.router.add_get("/kv_event_sources", server.kv_event_sources)
     return app
 
 
