@@ -141,10 +141,11 @@ def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def http_post(url: str, body: bytes, timeout_s: float = 10.0) -> tuple[int, dict[str, Any]]:
+def http_post(url: str, body: bytes, timeout_s: float = 10.0,
+              headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """POST raw bytes as JSON: (status, decoded JSON answer)."""
     req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return r.status, json.loads(r.read())

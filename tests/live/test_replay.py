@@ -243,3 +243,55 @@ def test_a_client_that_leaves_is_not_replayed(tmp_path: Path) -> None:
             assert s.gateway.metrics.replays == 0
 
     asyncio.run(main())
+
+
+def test_a_stream_migrated_by_token_replay_arrives_whole(tmp_path: Path) -> None:
+    """`POST /admin/migrate` moves a running stream to the other engine, which finishes it;
+    the source engine aborted its copy (the disconnect), and the client saw one stream."""
+    async def main() -> None:
+        async with stack(tmp_path, "--admin-token", "secret") as s:
+            admin = str(s.client.base_url).removesuffix("v1/") + "admin/migrate"
+            auth = {"Authorization": "Bearer secret"}
+            stream = await s.client.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"x-request-id": "move-me"})
+            ids, created, text, usage, source, moved = set(), set(), "", None, None, None
+            async for chunk in stream:
+                ids.add(chunk.id)
+                created.add(chunk.created)
+                if chunk.choices:
+                    text += chunk.choices[0].text
+                usage = chunk.usage or usage
+                if text and source is None:
+                    source = await s.serving()
+                    async with s.http.post(admin, json={"request_id": "move-me"},
+                                           headers=auth) as r:
+                        assert r.status == 200, await r.text()
+                        moved = await r.json()
+            assert source is not None and moved == {
+                "request_id": "move-me", "from": f"127.0.0.1:{source.port}"}
+            whole(ids, created, text, usage)
+            assert s.gateway.metrics.migrations == 1
+            assert s.gateway.metrics.replays == 0 and not s.gateway.metrics.errors
+            assert all(e.proc.poll() is None for e in s.engines)  # nobody died
+            assert await source.running(s.http) == 0  # the source let its copy go
+            # a finished stream cannot be migrated; nor without the token
+            async with s.http.post(admin, json={"request_id": "move-me"}, headers=auth) as r:
+                assert r.status == 404 and (await r.json())["error"]["param"] == "request_id"
+            async with s.http.post(admin, json={"request_id": "move-me"}) as r:
+                assert r.status == 401
+            async with s.http.post(admin, json={"id": "x"}, headers=auth) as r:
+                assert r.status == 400
+
+    asyncio.run(main())
+
+
+def test_admin_routes_are_off_without_a_token(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with stack(tmp_path) as s:
+            admin = str(s.client.base_url).removesuffix("v1/") + "admin/migrate"
+            async with s.http.post(admin, json={"request_id": "x"}) as r:
+                assert r.status == 403 and "--admin-token" in (await r.json())["error"]["message"]
+
+    asyncio.run(main())

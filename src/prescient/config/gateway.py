@@ -11,7 +11,9 @@ Deliberate differences from upstream, each explained at its field:
   is given, else upstream's `redis`;
 - `--served-model-name` (vLLM's flag) lets the gateway answer 404 for unknown models itself;
 - `--max-body-bytes` bounds what a client may upload;
-- `--scheduler-config` tunes the embedded scheduler's policy.
+- `--scheduler-config` tunes the embedded scheduler's policy;
+- `--admin-token` opens `POST /admin/migrate` (migration by token replay, for engines that
+  cannot move KV).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class GatewaySettings(ClusterSettings, frozen=True, kw_only=True, forbid_unknown
         "128k-token prompt many times over, plus inline images; the Rust routers allow "
         "256 MiB, but every byte is held in memory and parsed.", ge=1024)] = 32 * 1024 * 1024
     backlog: Annotated[int, Setting(SERVICE, "Listen backlog.", ge=1)] = 2048
+    admin_token: Annotated[str, Setting(
+        SERVICE, "Bearer token the admin routes (POST /admin/migrate) require; empty: they "
+        "are disabled (403).", secret=True)] = ""
 
     # --- Scheduling ---
     enable_full_mode_scheduling: Annotated[bool, Setting(

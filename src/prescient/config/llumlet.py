@@ -43,9 +43,11 @@ _WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 DESCRIPTION = ("A llumlet for a stock vLLM or SGLang server: registers the instance in the CMS "
                "and writes a status scraped from the server's /metrics (running and waiting "
-               "requests, KV usage) every --scrape-interval-ms; marks it unschedulable while "
-               "scrapes fail, and deletes its keys on SIGTERM. Each flag can also come from a "
-               "--config file or an environment variable PRESCIENT_LLUMLET_<FLAG>.")
+               "requests, KV usage) every --scrape-interval-ms, or the per-step status pushed "
+               "by Prescient's vLLM plugin (--status-endpoint); marks it unschedulable while "
+               "the engine is silent and scrapes fail, and deletes its keys on SIGTERM. Each "
+               "flag can also come from a --config file or an environment variable "
+               "PRESCIENT_LLUMLET_<FLAG>.")
 
 
 class LlumletSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -64,6 +66,11 @@ class LlumletSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     scrape_timeout_ms: Annotated[int, Setting(
         ENGINE, "A scrape slower than this fails (the instance turns unschedulable), ms.",
         gt=0)] = 2000
+    status_endpoint: Annotated[str, Setting(
+        ENGINE, "ZMQ endpoint to bind for the statuses Prescient's vLLM plugin pushes at every "
+        "step (the engine's PRESCIENT_STATUS_ENDPOINT), e.g. ipc:///tmp/prescient-8000.ipc; "
+        "empty: /metrics scrapes only. While the engine pushes, nothing is scraped.",
+        metavar="ENDPOINT")] = ""
     num_gpu_tokens: Annotated[int, Setting(
         ENGINE, "KV capacity in tokens; 0: from /metrics (vllm:cache_config_info, "
         "sglang:max_total_num_tokens). Needed for KV token counts when /metrics lacks it.",

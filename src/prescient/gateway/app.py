@@ -37,6 +37,10 @@ OFFLOAD_BODY_BYTES = 64 * 1024
 MODELS_TRIES = 3  # instances asked for /v1/models before answering from --served-model-name
 
 
+class _MigrateBody(msgspec.Struct, forbid_unknown_fields=True):
+    request_id: str
+
+
 class Gateway:
     """The OpenAI-compatible gateway's request handling.
 
@@ -89,6 +93,7 @@ class Gateway:
         router.add("GET", "/health", self.health)
         router.add("GET", "/healthz", self.health)
         router.add("GET", "/metrics", self.prometheus)
+        router.add("POST", "/admin/migrate", self.migrate)
         return router
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -198,6 +203,34 @@ class Gateway:
         else:
             response.send(503, error_body(503, "no scheduler and no instance available",
                                           type="service_unavailable"))
+
+    async def migrate(self, request: Request, response: Response) -> None:
+        """`POST /admin/migrate {"request_id": ID}`: move a running stream to another instance
+        by token replay (`Proxy.migrate`); 200 `{"request_id", "from"}`, 404 when no
+        replayable stream of that id is being forwarded here. Needs `--admin-token`."""
+        token = self.settings.admin_token
+        if not token:
+            response.send(403, error_body(403, "admin routes are disabled: start the gateway "
+                                          "with --admin-token", type="permission_error"))
+            return
+        if request.headers.get("authorization") != f"Bearer {token}":
+            response.send(401, error_body(401, "missing or wrong admin token",
+                                          type="authentication_error"))
+            return
+        try:
+            body = msgspec.json.decode(request.body, type=_MigrateBody)
+        except msgspec.DecodeError as e:
+            response.send(400, error_body(400, f"invalid body: {e}", param="request_id"))
+            return
+        source = self.proxy.migrate(body.request_id)
+        if source is None:
+            response.send(404, error_body(404, f"no stream of request {body.request_id!r} is "
+                                          "being forwarded (finished, not streamed, or not "
+                                          "replayable)", param="request_id"))
+            return
+        address = f"{source.endpoint.host}:{source.endpoint.port}"
+        log.info("request %s: migration from %s requested", body.request_id, address)
+        response.send(200, msgspec.json.encode({"request_id": body.request_id, "from": address}))
 
     async def prometheus(self, request: Request, response: Response) -> None:
         response.send(200, self.metrics.render(), content_type=CONTENT_TYPE)

@@ -61,6 +61,7 @@ class GatewayMetrics:
         self.errors: dict[str, int] = {}
         self.retries = 0
         self.replays = 0
+        self.migrations = 0
         self.fallbacks = 0
         self.in_flight = 0
         self.schedule_seconds = Histogram(SCHEDULE_BUCKETS)
@@ -102,6 +103,9 @@ class _Collector(Collector):
                                   "on another instance before the first byte.", value=m.retries)
         yield CounterMetricFamily("prescient_gateway_replays", "Broken streams resumed on "
                                   "another instance by token replay.", value=m.replays)
+        yield CounterMetricFamily("prescient_gateway_migrations", "Running streams moved to "
+                                  "another instance by token replay (POST /admin/migrate).",
+                                  value=m.migrations)
         yield CounterMetricFamily("prescient_gateway_fallbacks", "Requests placed by local "
                                   "round-robin because the scheduler was unavailable.",
                                   value=m.fallbacks)

@@ -12,6 +12,12 @@ instance, and a continuation (prompt + text so far, fewer tokens) resumes the st
 `--retry-max-count` times per request. A stream that cannot be resumed ends with an SSE error
 event. A non-streamed body cut short is retried whole: nothing reached the client yet.
 
+Migration by token replay (`migrate`, the gateway's `POST /admin/migrate`) uses the same path
+on purpose: the live upstream is aborted (the engine sees the disconnect and frees the request)
+and the stream resumes elsewhere, placed by the scheduler, never on the source. It is how a
+running request moves between engines that cannot move KV; migrations do not count against
+`--retry-max-count` nor as errors.
+
 Streams are copied as they arrive, the backend's chunks merged when several are waiting (one
 write instead of many), counting event ends (`\\n\\n`, which JSON cannot contain unescaped)
 for the TPOT metric and lite-mode token reports. A replayable stream is also read event by
@@ -73,12 +79,24 @@ class _Retry:
 
 
 class _Cut:
-    """A replayable stream broke after bytes reached the client."""
+    """A replayable stream broke after bytes reached the client (or was cut to migrate it)."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "migrated")
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, *, migrated: bool = False) -> None:
         self.error = error
+        self.migrated = migrated
+
+
+class _Live:
+    """A replayable stream being forwarded now: what `Proxy.migrate` cuts."""
+
+    __slots__ = ("instance", "migrating", "upstream")
+
+    def __init__(self, upstream: UpstreamResponse, instance: LLMInstance) -> None:
+        self.upstream = upstream
+        self.instance = instance
+        self.migrating = False
 
 
 class Proxy:
@@ -101,6 +119,18 @@ class Proxy:
         self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ApproxTokenizer()
         self._clock = clock
         self._background: set[asyncio.Task[None]] = set()
+        self._live: dict[str, _Live] = {}  # replayable streams in flight, by request id
+
+    def migrate(self, request_id: str) -> LLMInstance | None:
+        """Cut request `request_id`'s stream from its instance so that it resumes on another
+        (by token replay); the instance it leaves, or None when no replayable stream of that
+        id is being forwarded."""
+        live = self._live.get(request_id)
+        if live is None or live.migrating:
+            return None
+        live.migrating = True
+        live.upstream.abort()
+        return live.instance
 
     async def forward(self, request: Request, response: Response, schedule: ScheduleRequest,
                       stream: bool, started: float) -> int:
@@ -119,13 +149,18 @@ class Proxy:
                 response.write(b"data: [DONE]\n\n")
                 response.end()
                 return 200
-            body = replay.continuation() if replays < self.retry_max_count else None
+            allowed = outcome.migrated or replays < self.retry_max_count
+            body = replay.continuation() if allowed else None
             if body is None:
                 return self._cut_short(request, response, b"", outcome.error, counted=True)
-            replays += 1
-            self.metrics.replays += 1
-            log.info("request %s: stream broken (%s), replay %d of %d", schedule.id,
-                     outcome.error, replays, self.retry_max_count)
+            if outcome.migrated:
+                self.metrics.migrations += 1
+                log.info("request %s: migrating by token replay", schedule.id)
+            else:
+                replays += 1
+                self.metrics.replays += 1
+                log.info("request %s: stream broken (%s), replay %d of %d", schedule.id,
+                         outcome.error, replays, self.retry_max_count)
             outcome = await self._place(request, response, schedule, headers, avoid, stream,
                                         started, replay, body)
         return outcome
@@ -167,7 +202,6 @@ class Proxy:
                 request, response, instance, headers, schedule, stream, started,
                 attempt == self.retry_max_count and not resuming, body, replay)
             if isinstance(outcome, _Cut):
-                metrics.error("upstream_closed")
                 if accounted:
                     await self.balancer.release(schedule, instance)
                 avoid.append((instance.endpoint.host, instance.endpoint.port))
@@ -253,6 +287,9 @@ class Proxy:
         reporter = (_Reporter(self, schedule, instance, first)
                     if self.report_interval_s > 0 and self.scheduler is not None else None)
         events, last, tail = 0, first, b""
+        live = None
+        if replay is not None:
+            live = self._live[schedule.id] = _Live(upstream, instance)
         try:
             while chunk:
                 if replay is not None:
@@ -268,13 +305,23 @@ class Proxy:
         except UpstreamError as e:
             if replay is None or replay.done or request.is_disconnected:
                 return self._cut_short(request, response, tail, str(e))
-            return _Cut(str(e))
+            return self._cut(live, str(e))
+        finally:
+            if live is not None and self._live.get(schedule.id) is live:
+                del self._live[schedule.id]
         response.end()
         if tail.endswith(b"data: [DONE]\n\n"):
             events -= 1
         if events > 1:
             self.metrics.tpot_seconds.observe((last - first) / (events - 1))
         return upstream.status
+
+    def _cut(self, live: _Live | None, error: str) -> _Cut:
+        """A replayable stream's break: a migration, or a failure (counted)."""
+        if live is not None and live.migrating:
+            return _Cut(error, migrated=True)
+        self.metrics.error("upstream_closed")
+        return _Cut(error)
 
     def _cut_short(self, request: Request, response: Response, tail: bytes, error: str, *,
                    counted: bool = False) -> int:

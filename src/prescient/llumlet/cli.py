@@ -1,34 +1,45 @@
 """`prescient llumlet`: put a stock vLLM or SGLang server in the CMS, beside it, unpatched.
 
 Upstream's llumlet lives inside a patched engine, which pushes a status at every step. A stock
-engine pushes nothing, so this llumlet runs in "pull" mode: its `Llumlet` gets no pushes and
-pulls a status from a `MetricsScrapeSource` every time `engine_timeout_s` passes in silence,
-with `engine_timeout_s` set to `--scrape-interval-ms`. That is the llumlet's own fallback
-path, so everything it guarantees holds here too: one write per scrape, the heartbeat, the
-TTL, and when a scrape fails, a keepalive with `schedulable=false` until one succeeds again.
-(A separate scrape loop calling `push()` would re-implement that failure path beside it.)
+engine pushes nothing, so this llumlet pulls a status from a `MetricsScrapeSource` every time
+`engine_timeout_s` passes in silence, with `engine_timeout_s` set to `--scrape-interval-ms`.
+That is the llumlet's own fallback path, so everything it guarantees holds here too: one write
+per scrape, the heartbeat, the TTL, and when a scrape fails, a keepalive with
+`schedulable=false` until one succeeds again. (A separate scrape loop calling `push()` would
+re-implement that failure path beside it.)
+
+With `--status-endpoint`, a vLLM running Prescient's stat-logger plugin (integrations/vllm)
+pushes its status at every step: the llumlet is then in upstream's push mode while the engine
+works, and scrapes only when it has been silent for an interval (an idle vLLM runs no steps).
+Pushed and scraped statuses draw `update_id` from one counter, so the reader sees one sequence.
 
 A pull is tried once (`source_tries=1`): the next attempt is one interval away anyway, and an
 engine that does not answer is unschedulable at once instead of after retries and backoffs.
 
-The status carries what `/metrics` shows: running and waiting requests, and KV usage in tokens.
-It has no request ids, step ids or prefill token counts (the scheduler's local account keeps
-a dispatch until `--request-local-account-staleness-seconds`; see the scheduler's docs).
+A scraped status carries what `/metrics` shows: running and waiting requests, and KV usage in
+tokens. It has no request ids, step ids or prefill token counts (the scheduler's local account
+keeps a dispatch until `--request-local-account-staleness-seconds`; see the scheduler's docs);
+a pushed one has them (`prescient_vllm.status` says from where).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 from collections.abc import Mapping
+
+import zmq
 
 from prescient import service
 from prescient.cms.redis_store import RedisStore
 from prescient.config.llumlet import BACKEND_NAMES, DESCRIPTION, LlumletSettings, llumlet_parser
+from prescient.errors import ConfigError
 from prescient.llumlet.agent import Llumlet
+from prescient.llumlet.push import StatusReceiver
 from prescient.llumlet.sources import MetricsScrapeSource
-from prescient.model import InferType, InstanceMetadata
+from prescient.model import InferType, InstanceMetadata, InstanceStatus
 
 log = logging.getLogger("prescient.llumlet")
 
@@ -82,11 +93,27 @@ async def run_until_signalled(settings: LlumletSettings, stop: asyncio.Event) ->
     s = settings
     store = RedisStore(s.cms_redis_host, s.cms_redis_port, db=s.cms_redis_db,
                        username=s.cms_redis_username, password=s.cms_redis_password)
+    update_ids = itertools.count(1)
     source = MetricsScrapeSource(s.metrics_url, s.resolved_instance_id,
                                  num_total_gpu_tokens=s.num_gpu_tokens or None,
-                                 timeout_s=s.scrape_timeout_ms / 1000)
+                                 timeout_s=s.scrape_timeout_ms / 1000, update_ids=update_ids)
     llumlet = make_llumlet(s, store, source)
-    task = asyncio.create_task(llumlet.run(), name="llumlet")
+    receiver = None
+    if s.status_endpoint:
+        def on_status(status: InstanceStatus) -> None:
+            status.update_id = next(update_ids)
+            llumlet.push(status)
+
+        try:
+            receiver = StatusReceiver(s.status_endpoint, on_status)
+        except zmq.ZMQError as e:
+            raise ConfigError(f"--status-endpoint {s.status_endpoint}: cannot bind: {e}"
+                              ) from None
+    tasks = [asyncio.create_task(llumlet.run(), name="llumlet")]
+    if receiver is not None:
+        tasks.append(asyncio.create_task(receiver.run(), name="llumlet-status-receiver"))
+        log.info("llumlet %s: receiving pushed statuses at %s", s.resolved_instance_id,
+                 s.status_endpoint)
     log.info("llumlet %s: %s %s at %s:%d, scraping %s every %d ms into the CMS at %s:%d/%d",
              s.resolved_instance_id, s.backend_type, s.instance_type, s.resolved_advertise_host,
              s.resolved_api_server_port, s.metrics_url, s.scrape_interval_ms, s.cms_redis_host,
@@ -94,12 +121,14 @@ async def run_until_signalled(settings: LlumletSettings, stop: asyncio.Event) ->
     stopped = asyncio.create_task(stop.wait())
     try:
         # the llumlet survives store and engine failures; if it ever ends, so does the command
-        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # raises what ended it
+        await asyncio.wait((*tasks, stopped), return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                task.result()  # raises what ended it
     finally:
-        stopped.cancel()
-        await asyncio.gather(stopped, return_exceptions=True)
+        for task in (stopped, *tasks[1:]):
+            task.cancel()
+        await asyncio.gather(stopped, *tasks[1:], return_exceptions=True)
         await llumlet.stop()  # deletes both keys
         await source.close()
         await store.close()

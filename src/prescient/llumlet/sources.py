@@ -13,8 +13,9 @@ arrived within `LLUMNIX_ENGINE_GET_STATUS_TIMEOUT`. A `StatusSource` is that pul
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import aiohttp
@@ -58,23 +59,25 @@ class MetricsScrapeSource:
     total comes from `num_total_gpu_tokens` if given, else from the server
     (`vllm:cache_config_info` num_gpu_blocks * block_size, `sglang:max_total_num_tokens`);
     with neither, both token counts stay 0 (a warning says so once). `update_id` increases on
-    every successful scrape, so each scrape is a fresh status to the reader.
+    every successful scrape, so each scrape is a fresh status to the reader (`update_ids`
+    shares that counter with pushed statuses, when the engine also pushes).
 
     Args:
         url: the metrics URL, e.g. http://10.0.0.1:8000/metrics.
         instance_id: the CMS id the status carries.
         num_total_gpu_tokens: KV capacity in tokens, overriding what the server reports.
         timeout_s: whole-request timeout of one scrape.
+        update_ids: the `update_id` of each scrape, in turn; default 1, 2, 3...
     """
 
     def __init__(self, url: str, instance_id: str, *, num_total_gpu_tokens: int | None = None,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, update_ids: Iterator[int] | None = None) -> None:
         self.url = url
         self.instance_id = instance_id
         self.num_total_gpu_tokens = num_total_gpu_tokens
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
-        self._update_id = 0
+        self._update_ids = update_ids if update_ids is not None else itertools.count(1)
         self._warned_no_total = False
 
     async def get_status(self) -> InstanceStatus:
@@ -90,8 +93,7 @@ class MetricsScrapeSource:
             response.raise_for_status()
             text = await response.text()
         status = self.parse(text)
-        self._update_id += 1
-        status.update_id = self._update_id
+        status.update_id = next(self._update_ids)
         return status
 
     def parse(self, text: str) -> InstanceStatus:
