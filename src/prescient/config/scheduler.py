@@ -191,8 +191,9 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
 
     # --- Adaptive PD scheduling ---
     enable_adaptive_pd: Annotated[bool, Setting(
-        ADAPTIVE_PD, "Let any instance prefill or decode (needs --scheduling-policy slo).")] = (
-        False)
+        ADAPTIVE_PD, "Any instance prefills or decodes; roles follow the decode work, with one "
+        "reserved prefill and one reserved decode instance (needs --scheduling-policy slo and "
+        "full mode; with --enable-rescheduling adds the bin-packing policies).")] = False
     tpot_migrate_out_ceil_threshold: Annotated[float, Setting(
         ADAPTIVE_PD, "Fraction of tpot-slo above which an instance is relieved.", gt=0)] = 0.95
     tpot_migrate_out_floor_threshold: Annotated[float, Setting(
