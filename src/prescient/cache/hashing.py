@@ -179,7 +179,7 @@ def vllm_block_hashes(
 
 def iter_vllm_block_hashes(
     token_ids: Sequence[int], block_size: int, *, algo: VllmHashAlgo = "sha256",
-    seed: str = "0", length: int | None = None,
+    seed: str = "0", length: int | None = None, memo: HashMemo | None = None,
 ) -> Iterator[bytes]:
     """`vllm_block_hashes` of `token_ids[:length]`, one block at a time, for a caller that
     may stop early.
@@ -187,6 +187,8 @@ def iter_vllm_block_hashes(
     A lookup needs block `i + 1` only while some holder has blocks `0..i`, so hashing lazily
     costs the prompt's hit length, not its length (no extra keys: plain-text prompts). Nothing
     is copied or encoded ahead: sha256_cbor pre-encodes runs of blocks that double in size.
+    `memo` remembers digests by (parent, block): a prefix seen before (the ones that hit) costs
+    a dictionary probe per block instead of a serialisation and a hash.
     """
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
@@ -202,10 +204,16 @@ def iter_vllm_block_hashes(
             items, offsets = _cbor_token_items(
                 np.asarray(token_ids[done * block_size:upto * block_size]))
             for start, end in itertools.pairwise(offsets[::block_size].tolist()):
-                h = sha256(b"\x83" + _head(2, len(parent)) + parent + head)
-                h.update(items[start:end])
-                h.update(tail)
-                parent = h.digest()
+                block = items[start:end]
+                known = memo.get((parent, block)) if memo is not None else None
+                if known is None:
+                    h = sha256(b"\x83" + _head(2, len(parent)) + parent + head)
+                    h.update(block)
+                    h.update(tail)
+                    known = h.digest()
+                    if memo is not None:
+                        memo.put((parent, block), known)
+                parent = known
                 yield parent
             done, run = upto, run * 2
         return
@@ -214,8 +222,39 @@ def iter_vllm_block_hashes(
         block = token_ids[b * block_size:(b + 1) * block_size]
         if isinstance(block, np.ndarray):  # pickle and msgpack must see Python ints
             block = block.tolist()
-        parent = fn((parent, list(block) if as_list else tuple(block), None))
+        key = (parent, tuple(block))
+        known = memo.get(key) if memo is not None else None
+        if known is None:
+            known = fn((parent, list(block) if as_list else key[1], None))
+            if memo is not None:
+                memo.put(key, known)
+        parent = known
         yield parent
+
+
+class HashMemo:
+    """Block digests by (parent digest, block content), at most `capacity` of them.
+
+    Full keys, not their hashes: a collision would name a block wrongly. Full, it starts over
+    (cheaper than an LRU, and the prefixes in use come back at their next lookup).
+    """
+
+    __slots__ = ("_digests", "capacity")
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        self.capacity = capacity
+        self._digests: dict[tuple[bytes, Any], bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def get(self, key: tuple[bytes, Any]) -> bytes | None:
+        return self._digests.get(key)
+
+    def put(self, key: tuple[bytes, Any], digest: bytes) -> None:
+        if len(self._digests) >= self.capacity:
+            self._digests.clear()
+        self._digests[key] = digest
 
 
 def _sha256_cbor_chain(tokens: np.ndarray, block_size: int, root: bytes,

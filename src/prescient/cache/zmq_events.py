@@ -56,7 +56,8 @@ class KvEventsSubscriber:
         self.index = index
         self.sources: dict[str, EngineSource] = {}
         self.replay_timeout_s = replay_timeout_s
-        self.num_restarts = 0
+        self.num_restarts = 0  # live sequences that went back
+        self.num_reconnects = 0
         self._initial = list(sources)
         self._ctx = zmq.asyncio.Context()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -134,8 +135,14 @@ class KvEventsSubscriber:
         one follows a lost connection, behind which messages were lost or the engine
         restarted (its sequence starts over, possibly past ours): either way, start over.
         """
+        connections = 0
         while True:
             await monitor.recv_multipart()  # only EVENT_CONNECTED is monitored
+            connections += 1
+            if connections > 1:
+                self.num_reconnects += 1
+                _log.info("KV events of %s: reconnected to %s; rebuilding from its replay "
+                          "buffer", source.instance_id, source.endpoint)
             if source.replay_endpoint is None:
                 continue  # a restart still shows as a sequence going back or a gap
             self.index.start_instance(source.instance_id)

@@ -43,6 +43,7 @@ from typing import Protocol
 import numpy as np
 
 from prescient.cache.hashing import (
+    HashMemo,
     VllmHashAlgo,
     external_block_hash,
     iter_vllm_block_hashes,
@@ -79,10 +80,11 @@ class VllmHasher:
     """
 
     def __init__(self, algo: VllmHashAlgo = "sha256_cbor", seed: str = "0",
-                 as_int: bool = True) -> None:
+                 as_int: bool = True, memo: HashMemo | None = None) -> None:
         self.algo = algo
         self.seed = seed
         self.as_int = as_int
+        self.memo = memo  # digests of blocks seen before (see `iter_vllm_block_hashes`)
 
     def hashes(self, request: Request, block_size: int) -> list[BlockKey]:
         return list(self.iter_hashes(request, block_size))
@@ -93,7 +95,8 @@ class VllmHasher:
             return iter(())
         # the engine never serves the last prompt token from cache
         digests = iter_vllm_block_hashes(request.prompt_token_ids, block_size, algo=self.algo,
-                                         seed=self.seed, length=request.prompt_len - 1)
+                                         seed=self.seed, length=request.prompt_len - 1,
+                                         memo=self.memo)
         return map(external_block_hash, digests) if self.as_int else digests
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from prescient.cache.hashing import HashMemo
 from prescient.cache.kv_events import KvEventsIndex
 from prescient.config.scheduler import parse_kv_events_endpoints
 from prescient.model import InstanceMetadata, Request
@@ -103,7 +104,8 @@ class LiveKvEvents:
     def __init__(self, settings: SchedulerSettings, feature: PrefixHits) -> None:
         self.index = KvEventsIndex(settings.cache_index_max_blocks)
         self.overrides = parse_kv_events_endpoints(settings.kv_events_endpoints)
-        hasher = VllmHasher(settings.prefix_caching_hash_algo, settings.prefix_caching_hash_seed)
+        hasher = VllmHasher(settings.prefix_caching_hash_algo, settings.prefix_caching_hash_seed,
+                            memo=HashMemo())
         hasher.hashes(Request(request_id="check", prompt_len=3, prompt_token_ids=(1, 2, 3)),
                       1)  # fails now, naming the flag, if the algorithm needs xxhash
         feature.source = IndexHits(

@@ -39,7 +39,7 @@ from prescient.errors import ConfigError
 from prescient.model import InferType, InstanceMetadata, InstanceStatus, Placement, Request
 from prescient.policy.dispatcher import Dispatcher, SchedulingMode
 from prescient.policy.registry import SLO_POLICY, make_dispatcher
-from prescient.scheduler.cache_wiring import make_live_cache
+from prescient.scheduler.cache_wiring import LiveKvEvents, LiveMooncake, make_live_cache
 from prescient.scheduler.wire import (
     Endpoint,
     LLMInstance,
@@ -165,6 +165,11 @@ class SchedulerCore:
         if self._owns_resolver and self._resolver is not None:
             await self._resolver.close()
             self._resolver, self._owns_resolver, self._subscribed = None, False, False
+
+    @property
+    def live_cache(self) -> LiveKvEvents | LiveMooncake | None:
+        """The live cache-aware index (`--cache-index kv-events` / `mooncake`), if any."""
+        return self._cache
 
     @property
     def ready(self) -> bool:

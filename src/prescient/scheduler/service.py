@@ -24,7 +24,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import msgspec
 from aiohttp import web
@@ -36,10 +36,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from prescient.config.scheduler import SchedulerSettings
 from prescient.errors import ConfigError
 from prescient.openai_api import error_body
+from prescient.scheduler.cache_wiring import LiveKvEvents
 from prescient.scheduler.core import InvalidScheduleRequestError, SchedulerCore
 from prescient.scheduler.wire import (
     NoInstanceAvailableError,
@@ -92,6 +95,29 @@ class _Metrics:
         Gauge("prescient_scheduler_cms_available",
               "1 while the CMS answers its polls (always 1 in lite mode).",
               registry=self.registry).set_function(lambda: float(core.cms_available))
+        live = core.live_cache
+        if isinstance(live, LiveKvEvents):  # --cache-index kv-events
+            Gauge("prescient_scheduler_kv_events_subscriptions",
+                  "Instances whose KV-event publisher the scheduler is subscribed to.",
+                  registry=self.registry).set_function(
+                lambda: len(live.subscriber.sources) if live.subscriber else 0)
+            self.registry.register(_KvIndexBlocks(live))
+
+
+class _KvIndexBlocks(Collector):
+    """Blocks the KV-events index holds per subscribed instance, read at scrape time."""
+
+    def __init__(self, live: LiveKvEvents) -> None:
+        self._live = live
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("prescient_scheduler_kv_index_blocks",
+                                   "Blocks the KV-events index holds, by instance.",
+                                   labels=["instance_id"])
+        subscriber = self._live.subscriber
+        for iid in sorted(subscriber.sources) if subscriber is not None else ():
+            family.add_metric([iid], self._live.index.blocks.size(iid))
+        yield family
 
 
 class SchedulerService:

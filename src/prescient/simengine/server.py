@@ -10,6 +10,8 @@ tell the difference by the wire. Endpoints and behaviour follow vLLM's server
                                                  continue_final_message; 400/404 as vLLM
     GET  /v1/models, /health, /metrics           vLLM's metric names (simengine/metrics.py)
     POST /tokenize, /detokenize                  vLLM's shapes
+    GET  /kv_event_sources                       where `--kv-events-config` publishes the
+                                                 prefix cache's KV events (kv_publisher.py)
 
 P/D disaggregation follows vLLM's `kv_transfer_params` convention (simengine/pd.py): a
 `do_remote_decode` request's non-streamed answer carries the parameters for the decode leg; a

@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from prescient.cache.hashing import (
+    VLLM_HASH_ALGOS,
+    HashMemo,
     cbor_canonical,
     external_block_hash,
+    iter_vllm_block_hashes,
     kvs_keys,
     none_hash,
     sim_block_hashes,
@@ -193,3 +196,18 @@ def test_sim_block_hashes_name_the_blocks_the_simulated_engine_caches(kind: str)
     # the next request finds exactly its shared leading blocks, as the engine will
     mine = sim_block_hashes(second, bs, sim_prompt_blocks(second, bs))
     assert engine.pool.hit_blocks(mine)[0] == 300 // bs
+
+
+@pytest.mark.parametrize("algo", VLLM_HASH_ALGOS)
+def test_lazy_hashing_with_a_memo_equals_the_whole_chain(algo: str) -> None:
+    tokens = [(i * 7919) % 50_000 for i in range(1000)]
+    want = vllm_block_hashes(tokens[:999], 16, algo=algo, seed="3")  # type: ignore[arg-type]
+    memo = HashMemo(capacity=40)  # smaller than the chain: it starts over on the way
+    for _ in range(3):
+        got = list(iter_vllm_block_hashes(tuple(tokens), 16, algo=algo,  # type: ignore[arg-type]
+                                          seed="3", length=999, memo=memo))
+        assert got == want
+        assert 0 < len(memo) <= 40
+    # stopping early hashes no further (a lookup that misses at block 0)
+    lazy = iter_vllm_block_hashes(tokens, 16, algo=algo, seed="3")  # type: ignore[arg-type]
+    assert next(lazy) == want[0]
