@@ -14,13 +14,15 @@ blocks, 29,205 blocks each) serve two prefix-heavy workloads:
   150, mean 200); Poisson arrivals.
 
 Policies: Prescient `load-balance` with `--enable-cache-aware-scheduling` and each index backend
-(`approximate`: router history, TTL 120 s; `kv-events`: the engines' block events, exact),
+(`approximate`: router history, TTL 120 s; `kv-events`: the engines' block events, exact;
+`mooncake`: the simulated metadata service, 256-token chunks),
 plain `load-balance`, `round-robin`, and the peers' cache-aware routers (`policy/cache_peers.py`:
 SGLang `cache_aware` and `lmetric`, llm-d's default profile, Dynamo's KV cost with its
 approximate indexer and with KV events, production-stack `prefixaware`). Every policy sees the
 identical request list and the same defaults otherwise (`SimSettings(seed=0)`: llumlet push 40
-ms, CMS poll 500 ms, peers scrape 50 ms). The Mooncake metadata-service backend is not
-simulated (it is tested against a real HTTP server in tests/live/test_kv_index_mooncake.py).
+ms, CMS poll 500 ms, peers scrape 50 ms). `mooncake` is the simulated Mooncake metadata
+service (`cache/sim.py`, `--kvs-chunk-size` 256, no outage; the client against a real HTTP
+server is tested in tests/live/test_kv_index_mooncake.py and test_cache_live.py).
 
 Measured (requests arriving after the first 5% and before the last 5% of the arrival span):
 1. Goodput: the highest rate scale at which >= 90% of requests meet TTFT <= 2 s and TPOT <=
@@ -57,7 +59,7 @@ import numpy as np
 from common import Inline, ms, pct, verdict
 from prescient.cache.hashing import sim_block_hashes, vllm_block_hashes
 from prescient.cache.kv_events import KvEventsIndex
-from prescient.cache.sim import use_kv_events
+from prescient.cache.sim import use_kv_events, use_mooncake
 from prescient.config.scheduler import SchedulerSettings
 from prescient.model import Request
 from prescient.sim.cluster import ClusterSim, InstanceSpec, SimSettings
@@ -80,6 +82,7 @@ class Variant:
     policy: str
     settings: tuple[tuple[str, object], ...] = ()
     kv_events: bool = False
+    mooncake: bool = False
     prescient: bool = False
     peer: bool = False
 
@@ -87,6 +90,8 @@ class Variant:
 VARIANTS = (
     Variant("prescient cache-aware (approximate)", LB, tuple(CACHE.items()), prescient=True),
     Variant("prescient cache-aware (kv-events)", LB, tuple(CACHE.items()), kv_events=True,
+            prescient=True),
+    Variant("prescient cache-aware (mooncake)", LB, tuple(CACHE.items()), mooncake=True,
             prescient=True),
     Variant(LB, LB),
     Variant(RR, RR),
@@ -185,6 +190,8 @@ def run(label: str, name: str, mode: Mode, scale: float) -> Run:
     sim = ClusterSim(requests, specs(), v.policy, SimSettings(seed=0, scheduler=scheduler))
     if v.kv_events:
         use_kv_events(sim)
+    if v.mooncake:
+        use_mooncake(sim)
     result = sim.run()
     wall = time.perf_counter() - t0
     trim = TRIM * requests[-1].arrival_time
@@ -259,16 +266,18 @@ def best_of(fn: Callable[[], object], repeat: int = 50) -> float:
 
 # ---- report --------------------------------------------------------------------------------
 
-def table(name: str, goodputs: dict[str, float], at_load: dict[str, Run], scale: float
-          ) -> list[str]:
+def table(name: str, goodputs: dict[str, float], at_load: dict[str, Run], scale: float,
+          variants: Sequence[Variant] = VARIANTS) -> list[str]:
     lines = [f"### {name}: goodput, and the high-load point (scale {scale:g})", "",
              "| policy | goodput (rate scale) | prefix hit rate | p50 TTFT (ms) | p99 TTFT (ms) "
              "| SLO attainment |", "|---|---|---|---|---|---|"]
-    for v in VARIANTS:
+    for v in variants:
         r = at_load[v.label]
         s = r.summary
         lines.append(f"| {v.label} | {goodputs[v.label]:.3f} | {pct(r.hit_rate)} | "
                      f"{ms(s.ttft.p50)} | {ms(s.ttft.p99)} | {pct(s.slo_attainment)} |")
+    if variants is not VARIANTS:  # a subset: no comparison with every peer
+        return [*lines, ""]
     best = max((v for v in VARIANTS if v.prescient), key=lambda v: goodputs[v.label])
     peer = max((v for v in VARIANTS if v.peer), key=lambda v: goodputs[v.label])
     best_p99 = min((v for v in VARIANTS if v.peer),
@@ -294,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--workloads", default="sessions,mooncake")
     parser.add_argument("--steps", type=int, default=None, help="bisection steps")
+    parser.add_argument("--variants", default="", help="only these policies (labels, comma-"
+                        "separated; load-balance always runs: it sets the high-load point)")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else DEFAULT
     if args.steps is not None:
@@ -303,18 +314,25 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{platform.python_version()}, {platform.machine()})\n")
     print("## Index cost\n")
     print("\n".join(index_cost()) + "\n", flush=True)
+    variants = VARIANTS
+    if args.variants:
+        wanted = {label.strip() for label in args.variants.split(",")} | {LB}
+        unknown = wanted - set(BY_LABEL)
+        if unknown:
+            parser.error(f"--variants: unknown {sorted(unknown)}; known: {sorted(BY_LABEL)}")
+        variants = tuple(v for v in VARIANTS if v.label in wanted)
     pool: Executor = Inline() if args.jobs == 1 else ProcessPoolExecutor(args.jobs)
     with pool:
         for name in args.workloads.split(","):
             reqs = workload(name, mode)
             print(f"## {name}: {len(reqs)} requests over {reqs[-1].arrival_time:.0f} s at "
                   f"scale 1\n", flush=True)
-            futures = {v.label: pool.submit(goodput, v.label, name, mode) for v in VARIANTS}
+            futures = {v.label: pool.submit(goodput, v.label, name, mode) for v in variants}
             goodputs = {label: f.result()[0] for label, f in futures.items()}
             scale = goodputs[LB] or 1.0
-            at_load = {v.label: pool.submit(run, v.label, name, mode, scale) for v in VARIANTS}
+            at_load = {v.label: pool.submit(run, v.label, name, mode, scale) for v in variants}
             print("\n".join(table(name, goodputs, {k: f.result() for k, f in at_load.items()},
-                                  scale)), flush=True)
+                                  scale, variants)), flush=True)
     print(f"_wall time {time.perf_counter() - t0:.0f} s_")
     return 0
 

@@ -144,7 +144,9 @@ class KvEventsSubscriber:
                 _log.info("KV events of %s: reconnected to %s; rebuilding from its replay "
                           "buffer", source.instance_id, source.endpoint)
             if source.replay_endpoint is None:
-                continue  # a restart still shows as a sequence going back or a gap
+                if connections > 1:  # what happened while away is unknown: forget, stay safe
+                    self.index.start_instance(source.instance_id)
+                continue
             self.index.start_instance(source.instance_id)
             replay = self._replays.pop(source.instance_id, None)
             if replay is not None:

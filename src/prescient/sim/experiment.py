@@ -9,12 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from prescient.cache.sim import use_cache_index
 from prescient.errors import ConfigError
 from prescient.model import Request
 from prescient.policy import POLICIES
 from prescient.predict.slo import SloLatencyModel
 from prescient.profiling import read_slo_model
-from prescient.sim.cluster import Failure, InstanceSpec, SimResult, SimSettings, simulate
+from prescient.sim.cluster import (
+    ClusterSim,
+    Failure,
+    InstanceSpec,
+    SimResult,
+    SimSettings,
+)
 from prescient.sim.metrics import SloSpec, Summary, summarize
 from prescient.sim.scenario import Scenario
 from prescient.sim.traces import load_trace
@@ -164,8 +171,10 @@ def run_policy(
     binpacking = any(p.startswith("binpacking") for p in s.rescheduling_policies)
     needs_profiles = policy in PROFILED_POLICIES or (s.enable_rescheduling and binpacking)
     model = slo_model(scenario) if needs_profiles else None
-    return simulate(requests, instance_specs(scenario), policy, sim_settings(scenario), progress,
-                    model)
+    sim = ClusterSim(requests, instance_specs(scenario), policy, sim_settings(scenario), progress,
+                     model)
+    use_cache_index(sim)  # scheduler: cache_index: kv-events / mooncake
+    return sim.run()
 
 
 def goodput(scenario: Scenario, base: Sequence[Request], policy: str, *, steps: int = 6) -> float:

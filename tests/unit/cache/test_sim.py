@@ -59,3 +59,49 @@ def test_only_a_cache_aware_policy_takes_an_index() -> None:
         use_kv_events(simulation("round-robin", SchedulerSettings()))
     assert isinstance(use_kv_events(simulation("dynamo-kv", SchedulerSettings())),
                       KvEventsIndex)
+
+
+def test_the_simulated_mooncake_service_finds_prefixes_at_chunk_granularity() -> None:
+    from prescient.cache.sim import use_mooncake
+
+    blind = hit_rate(simulation("load-balance", msgspec.structs.replace(
+        CACHE, enable_cache_aware_scheduling=False)))
+    sim = simulation("load-balance", msgspec.structs.replace(CACHE, kvs_chunk_size=64))
+    service = use_mooncake(sim)
+    assert hit_rate(sim) > blind + 0.2
+    assert service.num_queries > 0 and service.num_failed == service.num_skipped == 0
+
+
+def test_a_mooncake_outage_fails_queries_then_skips_them_for_the_down_window() -> None:
+    from prescient.cache.sim import use_mooncake
+
+    settings = msgspec.structs.replace(CACHE, kvs_chunk_size=64,
+                                       kvs_metadata_service_down_duration_s=5)
+    healthy = simulation("load-balance", settings)
+    use_mooncake(healthy)
+    sim = simulation("load-balance", settings)
+    service = use_mooncake(sim, outages=[(0.0, 1e9)])  # down for the whole run
+    assert hit_rate(sim) < hit_rate(healthy) - 0.2
+    assert service.num_failed >= 1 and service.num_skipped > service.num_failed
+    # an outage that ends: queries resume after the down window and hits come back
+    sim = simulation("load-balance", settings)
+    service = use_mooncake(sim, outages=[(0.0, 2.0)])
+    rate = hit_rate(sim)
+    assert service.num_failed >= 1 and service.num_queries > service.num_failed
+    assert rate > hit_rate(simulation("round-robin", SchedulerSettings())) + 0.1
+    with pytest.raises(ConfigError, match="--kvs-chunk-size 40 must be a multiple"):
+        use_mooncake(simulation("load-balance", msgspec.structs.replace(CACHE,
+                                                                        kvs_chunk_size=40)))
+
+
+def test_the_scenarios_cache_index_picks_the_simulated_backend() -> None:
+    from prescient.cache.sim import SimMooncakeService, use_cache_index
+
+    def backend(policy: str, **flags: object) -> object:
+        return use_cache_index(simulation(policy, msgspec.structs.replace(CACHE, **flags)))
+
+    assert backend("load-balance") is None  # approximate: the router's history
+    assert isinstance(backend("load-balance", cache_index="kv-events"), KvEventsIndex)
+    assert isinstance(backend("load-balance", cache_index="mooncake", kvs_chunk_size=64),
+                      SimMooncakeService)
+    assert backend("round-robin", cache_index="kv-events") is None  # cache-blind baseline
