@@ -207,3 +207,28 @@ def test_bad_kv_events_configs_name_the_flag() -> None:
         with pytest.raises(ConfigError, match="--kv-events-config"):
             parse_kv_events_config(bad)
     assert parse_kv_events_config("") is None
+
+
+def test_an_override_names_the_publisher_without_asking_the_instance(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        async with engine(tmp_path, monkeypatch) as (url, _, sources):
+            rank0 = sources["0"]
+            settings = SchedulerSettings(
+                enable_cache_aware_scheduling=True, cache_index="kv-events",
+                kv_events_endpoints=f"e={rank0['endpoint']}|{rank0['replay_endpoint']}")
+            live = LiveKvEvents(settings, PrefixHits(source=None))  # type: ignore[arg-type]
+            await live.start()
+            try:
+                # the metadata points nowhere: only the override can find the publisher
+                md = InstanceMetadata(instance_id="e", ip="127.0.0.1", api_server_port=1)
+                await complete(url, PROMPT)
+                live.on_instances({"e": md})
+                await until(lambda: live.index.hit_lengths(router_hashes(PROMPT)),
+                            "the replayed history through the override")
+                assert live.subscriber is not None
+                assert live.subscriber.sources["e"].topic == ""  # the override has none
+            finally:
+                await live.close()
+
+    asyncio.run(main())
