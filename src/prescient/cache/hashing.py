@@ -197,25 +197,7 @@ def iter_vllm_block_hashes(
         return
     parent = none_hash(algo, seed)
     if algo == "sha256_cbor":
-        head, tail, sha256 = _head(4, block_size), cbor_canonical(None), hashlib.sha256
-        done, run = 0, 4
-        while done < n:
-            upto = min(n, done + run)
-            items, offsets = _cbor_token_items(
-                np.asarray(token_ids[done * block_size:upto * block_size]))
-            for start, end in itertools.pairwise(offsets[::block_size].tolist()):
-                block = items[start:end]
-                known = memo.get((parent, block)) if memo is not None else None
-                if known is None:
-                    h = sha256(b"\x83" + _head(2, len(parent)) + parent + head)
-                    h.update(block)
-                    h.update(tail)
-                    known = h.digest()
-                    if memo is not None:
-                        memo.put((parent, block), known)
-                parent = known
-                yield parent
-            done, run = upto, run * 2
+        yield from _iter_sha256_cbor(token_ids, block_size, n, parent, memo)
         return
     fn, as_list = vllm_hash_function(algo), algo.endswith("_msgpack")
     for b in range(n):
@@ -230,6 +212,39 @@ def iter_vllm_block_hashes(
                 memo.put(key, known)
         parent = known
         yield parent
+
+
+def _iter_sha256_cbor(token_ids: Sequence[int], block_size: int, n: int, parent: bytes,
+                      memo: HashMemo | None) -> Iterator[bytes]:
+    """sha256_cbor's lazy chain: memoised blocks first, then runs of blocks encoded at once."""
+    done = 0
+    if memo is not None:  # known blocks first: no encoding at all
+        while done < n:
+            block = token_ids[done * block_size:(done + 1) * block_size]
+            known = memo.get((parent, tuple(block)))
+            if known is None:
+                break
+            parent = known
+            done += 1
+            yield parent
+    head, tail, sha256 = _head(4, block_size), cbor_canonical(None), hashlib.sha256
+    run = 4
+    while done < n:
+        upto = min(n, done + run)
+        items, offsets = _cbor_token_items(
+            np.asarray(token_ids[done * block_size:upto * block_size]))
+        for b, (start, end) in enumerate(itertools.pairwise(
+                offsets[::block_size].tolist()), done):
+            h = sha256(b"\x83" + _head(2, len(parent)) + parent + head)
+            h.update(items[start:end])
+            h.update(tail)
+            digest = h.digest()
+            if memo is not None:
+                block = token_ids[b * block_size:(b + 1) * block_size]
+                memo.put((parent, tuple(block)), digest)
+            parent = digest
+            yield parent
+        done, run = upto, run * 2
 
 
 class HashMemo:

@@ -140,7 +140,8 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
     kvs_backend: Annotated[Literal["mooncake", "v6d"], Setting(
         CACHE, "KV store metadata service backend.")] = "mooncake"
     kvs_hash_algo: Annotated[Literal["sha256_cbor", "sha256_hex", "xxhash"], Setting(
-        CACHE, "Hash of prompt chunks; must match the KV store's (env GO_HASH_SEED).")] = (
+        CACHE, "Hash of prompt chunks; must match the KV store's. sha256_cbor's root seed is "
+        "--prefix-caching-hash-seed (upstream reads env GO_HASH_SEED).")] = (
         "sha256_cbor")
     kvs_chunk_size: Annotated[int, Setting(CACHE, "Tokens per hashed chunk.", ge=1)] = 256
     kvs_enable_save_unfull_chunk: Annotated[bool, Setting(
