@@ -232,3 +232,35 @@ def test_an_override_names_the_publisher_without_asking_the_instance(
                 await live.close()
 
     asyncio.run(main())
+
+
+def test_an_instance_without_kv_events_is_asked_again_until_it_has_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        monkeypatch.setattr("prescient.scheduler.cache_wiring.RETRY_S", 0.05)
+        port = free_port()
+        settings = SchedulerSettings(enable_cache_aware_scheduling=True,
+                                     cache_index="kv-events")
+        live = LiveKvEvents(settings, PrefixHits(source=None))  # type: ignore[arg-type]
+        await live.start()
+        try:
+            md = InstanceMetadata(instance_id="e", ip="127.0.0.1", api_server_port=port)
+            live.on_instances({"e": md})  # nothing listens there yet
+            await until(lambda: "e" in live._failed, "the failed answer")
+            assert live.subscriber is not None and not live.subscriber.sources
+            # the engine comes up on that port, publishing: the retry subscribes
+            monkeypatch.setenv("PYTHONHASHSEED", "0")
+            config = json.dumps({"enable_kv_cache_events": True,
+                                 "endpoint": f"ipc://{tmp_path}/late.ipc",
+                                 "replay_endpoint": f"ipc://{tmp_path}/late-replay.ipc"})
+            runner = await start_server(load_sim_engine_settings([
+                "--host", "127.0.0.1", "--port", str(port), "--kv-events-config", config], {}))
+            try:
+                await until(lambda: "e" in live.subscriber.sources, "the retried subscription")
+                assert not live._failed
+            finally:
+                await runner.cleanup()
+        finally:
+            await live.close()
+
+    asyncio.run(main())
