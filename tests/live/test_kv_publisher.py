@@ -264,3 +264,25 @@ def test_an_instance_without_kv_events_is_asked_again_until_it_has_them(
             await live.close()
 
     asyncio.run(main())
+
+
+def test_an_unusable_endpoint_is_reported_and_retried_not_fatal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        monkeypatch.setattr("prescient.scheduler.cache_wiring.RETRY_S", 0.05)
+        settings = SchedulerSettings(enable_cache_aware_scheduling=True,
+                                     cache_index="kv-events",
+                                     kv_events_endpoints="e=nope://x|tcp://127.0.0.1:1")
+        live = LiveKvEvents(settings, PrefixHits(source=None))  # type: ignore[arg-type]
+        await live.start()
+        try:
+            md = InstanceMetadata(instance_id="e", ip="127.0.0.1", api_server_port=1)
+            live.on_instances({"e": md})
+            await until(lambda: "e" in live._failed, "the failed subscription")
+            await asyncio.sleep(0.2)  # retried, still failing, still running
+            assert live._task is not None and not live._task.done()
+            assert live.subscriber is not None and not live.subscriber.sources
+        finally:
+            await live.close()
+
+    asyncio.run(main())

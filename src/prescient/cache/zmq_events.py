@@ -73,7 +73,11 @@ class KvEventsSubscriber:
         self.subscribed.set()
 
     def add(self, source: EngineSource) -> None:
-        """Subscribe to `source` (again, if its endpoints changed) and replay its history."""
+        """Subscribe to `source` (again, if its endpoints changed) and replay its history.
+
+        Raises:
+            zmq.ZMQError: the endpoint cannot be connected to (malformed, unknown transport).
+        """
         old = self.sources.get(source.instance_id)
         if old == source:
             return
@@ -81,8 +85,14 @@ class KvEventsSubscriber:
             self.remove(source.instance_id)
         sock = self._ctx.socket(zmq.SUB)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
-        sock.connect(source.endpoint)
-        sock.setsockopt(zmq.SUBSCRIBE, source.topic.encode())
+        try:
+            sock.connect(source.endpoint)
+            sock.setsockopt(zmq.SUBSCRIBE, source.topic.encode())
+        except zmq.ZMQError:  # e.g. a malformed endpoint: nothing subscribed, nothing leaked
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            raise
         self.sources[source.instance_id] = source
         self.index.start_instance(source.instance_id)
         self._tasks[source.instance_id] = asyncio.create_task(

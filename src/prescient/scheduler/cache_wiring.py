@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import zmq
 
 from prescient.cache.hashing import HashMemo
 from prescient.cache.kv_events import KvEventsIndex
@@ -159,7 +160,11 @@ class LiveKvEvents:
     async def _run(self) -> None:
         while True:
             self._changed.clear()
-            await self._reconcile()
+            try:
+                await self._reconcile()
+            except Exception:  # a bug here must not end the subscriptions' upkeep
+                _log.exception("KV events: updating the subscriptions failed; retrying")
+                self._failed.update(self._wanted)
             timeout = RETRY_S if self._failed else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
@@ -184,9 +189,16 @@ class LiveKvEvents:
             if source is None:
                 self._failed.add(md.instance_id)
             else:
+                try:
+                    subscriber.add(source)
+                except zmq.ZMQError as e:
+                    if md.instance_id not in self._failed:
+                        _log.warning("KV events of %s: cannot subscribe to %s (%s)",
+                                     md.instance_id, source.endpoint, e)
+                    self._failed.add(md.instance_id)
+                    continue
                 self._failed.discard(md.instance_id)
                 self._used[md.instance_id] = md
-                subscriber.add(source)
 
     async def _source(self, md: InstanceMetadata) -> EngineSource | None:
         """The instance's publisher: the override, else its own `/kv_event_sources`."""
