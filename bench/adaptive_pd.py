@@ -28,8 +28,11 @@ Upstream reports 0.91 (adaptive PD with rescheduling) vs 0.58 (best static, 6P2D
 by at least as wide a margin at the knee (as upstream's 8.5 req/s point: the highest rate at
 which adaptive PD with rescheduling still attains 0.9).
 
-    .venv/bin/python bench/adaptive_pd.py            # the recorded numbers (~10 min, 1 core)
+    .venv/bin/python bench/adaptive_pd.py            # the recorded numbers (~15 min, 1 core)
     .venv/bin/python bench/adaptive_pd.py --quick    # two rates, shorter runs (~1 min)
+
+Most of the time goes to the hopeless splits (1P:7D, 2P:6D, 7P:1D): their queues grow to
+thousands of requests, and every 50 ms status snapshot walks them.
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ from prescient.sim.workload import rebase, scale_rate, truncate
 PRESET = "qwen3-32b-h20"
 NUM_INSTANCES = 8
 MAX_BATCHED = 8192
-RATES = (6.5, 7.0, 7.5, 8.0, 8.5)  # requests/s, whole cluster
-QUICK_RATES = (7.0, 7.5)
+RATES = (6.5, 7.0, 7.5, 7.75, 8.0)  # requests/s, whole cluster: below, at and past the knee
+QUICK_RATES = (7.5, 7.75)
 NUM_REQUESTS = 4000
 QUICK_REQUESTS = 1500
 WARMUP_S = COOLDOWN_S = 30.0

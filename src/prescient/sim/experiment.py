@@ -23,7 +23,7 @@ from prescient.sim.cluster import (
     SimSettings,
 )
 from prescient.sim.metrics import SloSpec, Summary, summarize
-from prescient.sim.scenario import Scenario
+from prescient.sim.scenario import InstanceGroup, Scenario
 from prescient.sim.traces import load_trace
 from prescient.sim.workload import (
     parse_length_spec,
@@ -92,15 +92,16 @@ def profiling_enabled(scenario: Scenario) -> bool:
 def instance_specs(scenario: Scenario) -> list[InstanceSpec]:
     c = scenario.cluster
     profiling = profiling_enabled(scenario)
-    groups = c.groups or ((c.instances, c.preset),)
+    groups = c.groups or (InstanceGroup(count=c.instances, preset=c.preset),)
     specs: list[InstanceSpec] = []
     for group in groups:
-        count, preset = group if isinstance(group, tuple) else (group.count, group.preset)
+        count, preset = group.count, group.preset
         if count < 1:
             raise ConfigError(f"cluster: instance count must be >= 1, got {count}")
         for _ in range(count):
             specs.append(InstanceSpec(
                 instance_id=f"inst-{len(specs):02d}", preset=preset,
+                instance_type=group.instance_type,
                 max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                 num_gpu_blocks=c.num_gpu_blocks, enable_prefix_caching=c.enable_prefix_caching,
                 enable_profiling=profiling, profiling_steps=c.profiling_steps or 2**62,

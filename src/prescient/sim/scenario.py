@@ -9,6 +9,7 @@ seed: 0
 policies: [round-robin, random, least-requests, power-of-two, llm-d, load-balance, oracle]
 cluster:
   instances: 8                 # or groups: [{count: 4, preset: llama3-8b-a100}, ...]
+                               # (a group's instance_type: prefill | decode: a static P/D split)
   preset: llama3-8b-h100
   max_num_seqs: 256
   max_num_batched_tokens: 8192
@@ -51,6 +52,7 @@ import yaml
 from prescient.config.scheduler import SchedulerSettings
 from prescient.config.settings import settings_from_mapping
 from prescient.errors import ConfigError
+from prescient.model import InferType
 from prescient.rescheduler import MigrationSettings
 
 DEFAULT_POLICIES = ("round-robin", "random", "least-requests", "power-of-two", "llm-d",
@@ -58,10 +60,16 @@ DEFAULT_POLICIES = ("round-robin", "random", "least-requests", "power-of-two", "
 
 
 class InstanceGroup(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """`count` instances of one preset (heterogeneous clusters list several groups)."""
+    """`count` instances of one preset (heterogeneous clusters list several groups).
+
+    `instance_type` prefill or decode makes a static P/D split: requests are then prefilled on
+    one instance and decoded on another (`pd_batch`, or `pd_staged` with the scheduler's
+    `separate_pd_scheduling`).
+    """
 
     count: int
     preset: str = "llama3-8b-h100"
+    instance_type: InferType = InferType.NEUTRAL
 
 
 class FailureConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

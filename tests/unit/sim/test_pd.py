@@ -12,6 +12,8 @@ from prescient.predict.slo import SloLatencyModel, TpotProfile, TtftProfile
 from prescient.profiling import profile_engine
 from prescient.rescheduler import MigrationSettings, copy_time_s
 from prescient.sim.cluster import ClusterSim, Failure, InstanceSpec, SimSettings, simulate
+from prescient.sim.experiment import base_requests, run_policy
+from prescient.sim.scenario import scenario_from_dict
 from prescient.sim.workload import LengthSpec, synthetic_workload
 
 PRESET = "llama3-8b-h100"
@@ -106,3 +108,14 @@ def test_a_crashed_prefill_or_decode_instance_loses_no_request(failed: str) -> N
     result = simulate(workload(rate=80.0), specs(P, P, D, D), "load-balance", settings)
     assert finished_all(result)
     assert result.num_replayed > 0  # it had requests when it died
+
+
+def test_a_scenario_splits_its_cluster_by_group_instance_type() -> None:
+    scenario = scenario_from_dict({
+        "cluster": {"groups": [{"count": 2, "instance_type": "prefill"},
+                               {"count": 1, "instance_type": "decode"}]},
+        "workload": {"kind": "synthetic", "synthetic": {"rate": 20.0, "num_requests": 100}},
+        "scheduler": {"separate_pd_scheduling": True}})
+    result = run_policy(scenario, base_requests(scenario), "load-balance")
+    assert finished_all(result)
+    assert {r.instance_id for r in result.records if r.output_len > 1} == {"inst-02"}
