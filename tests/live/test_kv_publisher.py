@@ -10,6 +10,7 @@ subscription following the instance set learned from `GET /kv_event_sources`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 pytest.importorskip("zmq")
@@ -284,5 +286,78 @@ def test_an_unusable_endpoint_is_reported_and_retried_not_fatal(
             assert live.subscriber is not None and not live.subscriber.sources
         finally:
             await live.close()
+
+    asyncio.run(main())
+
+
+# vLLM 0.32's own structs (vllm/distributed/kv_events.py, reference/vllm-cpu.md §7): what a
+# consumer written against vLLM decodes the batches with
+class _VllmEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class _VllmStored(_VllmEvent, tag="BlockStored"):
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+
+
+class _VllmRemoved(_VllmEvent, tag="BlockRemoved"):
+    block_hashes: list[int | bytes]
+    medium: str | None
+    group_idx: int | None = None
+
+
+class _VllmBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[_VllmStored | _VllmRemoved]
+    data_parallel_rank: int | None = None
+
+
+def test_batches_decode_with_vllms_own_structs(tmp_path: Path) -> None:
+    async def main() -> None:
+        from prescient.simengine.kv_publisher import BlockContent
+
+        pub = f"ipc://{tmp_path}/v.ipc"
+        config = parse_kv_events_config(json.dumps({"enable_kv_cache_events": True,
+                                                    "endpoint": pub, "topic": "kv@1"}))
+        assert config is not None
+        content = BlockContent(10)
+        content.record([(None, 7, tuple(range(BS))), (7, 8, tuple(range(BS, 2 * BS)))])
+        publisher = KvEventPublisher(config, BS, content)
+        await publisher.start()
+        import zmq
+        import zmq.asyncio
+
+        ctx = zmq.asyncio.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(pub)
+        sub.setsockopt(zmq.SUBSCRIBE, b"kv@1")
+        try:
+            frames: list[bytes] = []
+            while not frames:  # slow joiner: publish until one arrives
+                publisher.stored(7)
+                publisher.stored(8)
+                publisher.removed(5)
+                with contextlib.suppress(TimeoutError):
+                    frames = await asyncio.wait_for(sub.recv_multipart(), 0.1)
+            topic, seq, payload = frames
+            batch = msgspec.msgpack.decode(payload, type=_VllmBatch)
+            stored, removed = batch.events
+            assert topic == b"kv@1" and len(seq) == 8 and batch.data_parallel_rank == 0
+            assert isinstance(stored, _VllmStored) and isinstance(removed, _VllmRemoved)
+            assert stored.block_hashes == [7, 8] and stored.parent_block_hash is None
+            assert stored.token_ids == list(range(2 * BS)) and stored.block_size == BS
+            assert stored.medium == "GPU" and removed.block_hashes == [5]
+        finally:
+            sub.close(linger=0)
+            ctx.destroy(linger=0)
+            await publisher.close()
 
     asyncio.run(main())
