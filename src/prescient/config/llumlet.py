@@ -67,9 +67,10 @@ class LlumletSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         ENGINE, "A scrape slower than this fails (the instance turns unschedulable), ms.",
         gt=0)] = 2000
     status_endpoint: Annotated[str, Setting(
-        ENGINE, "ZMQ endpoint to bind for the statuses Prescient's vLLM plugin pushes at every "
-        "step (the engine's PRESCIENT_STATUS_ENDPOINT), e.g. ipc:///tmp/prescient-8000.ipc; "
-        "empty: /metrics scrapes only. While the engine pushes, nothing is scraped.",
+        ENGINE, "ZMQ endpoint where Prescient's vLLM plugin pushes the engine's status at "
+        "every step (the engine's PRESCIENT_STATUS_ENDPOINT, which the plugin binds), e.g. "
+        "ipc:///tmp/prescient-8000.ipc; empty: /metrics scrapes only. While the engine "
+        "pushes, nothing is scraped.",
         metavar="ENDPOINT")] = ""
     num_gpu_tokens: Annotated[int, Setting(
         ENGINE, "KV capacity in tokens; 0: from /metrics (vllm:cache_config_info, "

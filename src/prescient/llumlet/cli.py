@@ -107,8 +107,7 @@ async def run_until_signalled(settings: LlumletSettings, stop: asyncio.Event) ->
         try:
             receiver = StatusReceiver(s.status_endpoint, on_status)
         except zmq.ZMQError as e:
-            raise ConfigError(f"--status-endpoint {s.status_endpoint}: cannot bind: {e}"
-                              ) from None
+            raise ConfigError(f"--status-endpoint {s.status_endpoint}: {e}") from None
     tasks = [asyncio.create_task(llumlet.run(), name="llumlet")]
     if receiver is not None:
         tasks.append(asyncio.create_task(receiver.run(), name="llumlet-status-receiver"))

@@ -1,8 +1,9 @@
 """Statuses an engine pushes to its llumlet: the receiving end of Prescient's vLLM plugin.
 
 A stock vLLM loads `prescient_vllm` (integrations/vllm) as a stat-logger plugin; at every step
-it sends a msgpack map keyed by `InstanceStatus` field names over ZMQ PUSH to the endpoint this
-receiver binds (PULL). Each decoded status goes to `on_status` (the llumlet's `push()`), which
+it sends a msgpack map keyed by `InstanceStatus` field names over ZMQ PUSH from the endpoint it
+binds, which this receiver connects to (PULL; ZMQ reconnects by itself when the engine
+restarts). Each decoded status goes to `on_status` (the llumlet's `push()`), which
 keeps only the newest, so the engine's step rate never becomes the CMS write rate.
 
 A message that does not decode is dropped and logged once per kind of error: a plugin of
@@ -24,11 +25,11 @@ logger = logging.getLogger(__name__)
 
 
 class StatusReceiver:
-    """Binds `endpoint` (e.g. `ipc:///tmp/prescient-8000.ipc`, `tcp://127.0.0.1:5600`) and
-    passes every pushed status to `on_status` while `run()` runs.
+    """Connects to `endpoint` (e.g. `ipc:///tmp/prescient-8000.ipc`, `tcp://10.0.0.1:5600`)
+    and passes every pushed status to `on_status` while `run()` runs.
 
     Raises:
-        zmq.ZMQError: from the constructor, when the endpoint cannot be bound.
+        zmq.ZMQError: from the constructor, when the endpoint is malformed.
     """
 
     def __init__(self, endpoint: str, on_status: Callable[[InstanceStatus], None]) -> None:
@@ -40,7 +41,7 @@ class StatusReceiver:
         self._ctx = zmq.asyncio.Context()
         self._socket = self._ctx.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(endpoint)
+        self._socket.connect(endpoint)
 
     async def run(self) -> None:
         """Receive until cancelled; the socket is closed however it ends."""

@@ -51,11 +51,13 @@ class VllmEngine:
     """One `vllm serve` of the tiny model on `port`, its worker pinned to `core`."""
 
     def __init__(self, venv: Path, port: int, core: int, workdir: Path, *,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+                 ) -> None:
         self.venv, self.port, self.core = venv, port, core
         self.name = f"vllm-{port}"  # with `log` and `url`: what tests.live.stack's helpers read
         self.workdir = workdir
         self.extra_args = extra_args
+        self.extra_env = extra_env or {}
         self.log = workdir / f"vllm-{port}.log"
         self.status_endpoint = f"ipc://{workdir}/status-{port}.ipc"
         self.kv_endpoint = f"ipc://{workdir}/kv-{port}.ipc"
@@ -88,6 +90,7 @@ class VllmEngine:
                    DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1",
                    VLLM_CPU_OMP_THREADS_BIND=str(self.core), PYTHONHASHSEED=HASH_SEED,
                    PRESCIENT_STATUS_ENDPOINT=self.status_endpoint)
+        env.update(self.extra_env)
         return env
 
     def start(self) -> None:

@@ -14,6 +14,7 @@ token replay and a stream whose engine is killed both arrive whole.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import pytest
 from openai import OpenAI
+from redis import Redis
 
+from prescient.cms.codec import decode_status
 from prescient.cms.store import STATUS_KEY_PREFIX
 from prescient.model import InstanceStatus
 from prescient.policy.account import normalize_request_id
@@ -39,7 +42,7 @@ from ..stack import (
     successes,
     wait_until,
 )
-from .engine import BLOCK_SIZE, MODEL, VllmEngine
+from .engine import BLOCK_SIZE, HASH_SEED, MODEL, VllmEngine
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -56,39 +59,41 @@ class Prescient:
     def __init__(self, stack: Stack, exit_stack: ExitStack, redis: RedisTarget,
                  engines: list[VllmEngine], logs: Path) -> None:
         self.stack, self.redis, self.engines = stack, redis, engines
+        self._redis = exit_stack.enter_context(
+            Redis(host=redis.host, port=redis.port, db=redis.db))
         for engine in engines:
             exit_stack.enter_context(child(
                 ["llumlet", "--engine-url", engine.url, "--instance-id", engine.name,
                  "--status-endpoint", engine.status_endpoint, "--block-size", str(BLOCK_SIZE),
-                 "--scrape-interval-ms", "100", "--cms-redis-host", redis.host,
+                 "--scrape-interval-ms", "1000", "--cms-redis-host", redis.host,
                  "--cms-redis-port", str(redis.port), "--cms-redis-db", str(redis.db)],
                 log=logs / f"llumlet-{engine.port}.log"))
-        (self.scheduler,) = stack.start([("scheduler", scheduler_args(*cms_flags(redis)))])
+        self.scheduler, self.cache_scheduler = stack.start([
+            ("scheduler", scheduler_args(*cms_flags(redis))),
+            ("scheduler-cache", scheduler_args(
+                *cms_flags(redis), "--enable-cache-aware-scheduling", "--cache-index",
+                "kv-events", "--prefix-caching-hash-seed", HASH_SEED,
+                "--cache-aware-scheduling-min-tokens", "256"))])
         tokenizer = str(engines[0].venv / MODEL)
         common = ["--llm-backend-endpoints", ",".join(e.address for e in engines),
                   "--served-model-name", MODEL, "--tokenizer-path", tokenizer,
                   "--admin-token", ADMIN_TOKEN]
-        self.full, self.lite = stack.start([
+        self.full, self.lite, self.cache = stack.start([
             ("gateway-full", lambda port: ["gateway", "--host", "127.0.0.1", "--port", str(port),
                                            "--scheduler-endpoints", self.scheduler.address,
                                            *common]),
             ("gateway-lite", lambda port: ["gateway", "--host", "127.0.0.1", "--port", str(port),
-                                           "--enable-full-mode-scheduling=false", *common])])
-        wait_until(lambda: health(self.scheduler).get("instances") == 2, 30,
-                   "the scheduler to see both vLLM instances in the CMS", stack)
+                                           "--enable-full-mode-scheduling=false", *common]),
+            ("gateway-cache", lambda port: ["gateway", "--host", "127.0.0.1", "--port",
+                                            str(port), "--scheduler-endpoints",
+                                            self.cache_scheduler.address, *common])])
+        for scheduler in (self.scheduler, self.cache_scheduler):
+            wait_until(lambda s=scheduler: health(s).get("instances") == 2, 30,
+                       f"{scheduler.name} to see both vLLM instances in the CMS", stack)
 
     def status(self, engine: VllmEngine) -> InstanceStatus | None:
-        from prescient.cms.codec import decode_status
-        raw = self.redis_get(STATUS_KEY_PREFIX + engine.name)
-        return None if raw is None else decode_status(raw, engine.name)
-
-    def redis_get(self, key: str) -> bytes | None:
-        import redis
-        client = redis.Redis(host=self.redis.host, port=self.redis.port, db=self.redis.db)
-        try:
-            return client.get(key)  # type: ignore[return-value]
-        finally:
-            client.close()
+        raw = self._redis.get(STATUS_KEY_PREFIX + engine.name)
+        return None if raw is None else decode_status(raw, engine.name)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +154,7 @@ def test_full_mode_reads_the_plugins_statuses(prescient: Prescient) -> None:
     ids the gateway forced, their prompt tokens, and step timings; the burst is spread."""
     seen: dict[str, InstanceStatus] = {}
     last: dict[str, InstanceStatus | None] = {}
+    pushed = 0
     ids = {f"burst-{i}" for i in range(BURST)}
     before = successes(prescient.engines)
     # one client for all threads: the burst arrives at once, and prefills queue up
@@ -166,11 +172,13 @@ def test_full_mode_reads_the_plugins_statuses(prescient: Prescient) -> None:
         while not all(f.done() for f in futures) and time.monotonic() < deadline:
             for engine in prescient.engines:
                 status = last[engine.name] = prescient.status(engine)
+                pushed += status is not None and status.step_id > 0
                 if status is not None and status.waiting_requests:
                     seen.setdefault(engine.name, status)
             time.sleep(0.005)
         assert [f.result() for f in futures] == [48] * BURST
-    assert seen, f"no status showed a waiting request (the plugin's fields): last {last}"
+    assert seen, (f"no status showed a waiting request (the plugin's fields); pushed statuses "
+                  f"seen: {pushed}; last {last}")
     for name, status in seen.items():
         waiting = {normalize_request_id(rid) for rid in status.waiting_requests}
         assert waiting <= ids, f"{name}: ids do not line up with the gateway's: {waiting}"
@@ -211,6 +219,36 @@ def _stream(gateway: Service, request_id: str, max_tokens: int,
     return ids, text, usage
 
 
+def test_a_cached_prefix_is_routed_to_the_engine_holding_it(prescient: Prescient) -> None:
+    """Cache-aware full mode on vLLM's own KV events: the scheduler learns each engine's
+    publisher from `GET /kv_event_sources`; a long prefix cached on one engine draws every
+    request sharing it there, as vLLM's prefix-cache hit counter shows. The holder is the
+    engine that an idle tie would *not* pick, so load alone cannot explain it."""
+    rng_prefix = [11 + (i * 17) % 1300 for i in range(BLOCK_SIZE * 24)]  # 768 tokens
+    with client_of(prescient.cache) as client:
+        before = successes(prescient.engines)
+        client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=1)
+        after = successes(prescient.engines)
+        favourite = next(e for e in prescient.engines if after[e.name] > before[e.name])
+        holder = next(e for e in prescient.engines if e is not favourite)
+        # cache the prefix on the holder directly, behind Prescient's back
+        status, answer = http_post(holder.url + "/v1/completions", json.dumps(
+            {"model": MODEL, "prompt": [*rng_prefix, 1], "max_tokens": 1}).encode())
+        assert status == 200, answer
+        time.sleep(1.0)  # its BlockStored events reach the scheduler's index
+        hits = {e.name: metric(e, "vllm:prefix_cache_hits_total") for e in prescient.engines}
+        before = successes(prescient.engines)
+        for i in range(4):
+            client.completions.create(model=MODEL, prompt=[*rng_prefix, 100 + i, 200 + i],
+                                      max_tokens=2)
+        after = successes(prescient.engines)
+    served = {e.name: after[e.name] - before[e.name] for e in prescient.engines}
+    assert served == {holder.name: 4, favourite.name: 0}, served
+    gained = metric(holder, "vllm:prefix_cache_hits_total") - hits[holder.name]
+    assert gained >= 4 * len(rng_prefix), f"{holder.name} hit only {gained} tokens"
+    assert metric(favourite, "vllm:prefix_cache_hits_total") == hits[favourite.name]
+
+
 def test_a_running_stream_migrates_between_the_vllm_engines(prescient: Prescient) -> None:
     """Token replay: the gateway aborts the request on its engine and resumes it on the other;
     the client's stream stays whole (one id, every token)."""
@@ -240,11 +278,14 @@ def test_a_running_stream_migrates_between_the_vllm_engines(prescient: Prescient
 
 
 def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient) -> None:
-    """Runs last: it kills an engine (the fixture restarts it for any later test)."""
+    """Runs last: it kills an engine (the fixture restarts it for any later test). Every stream
+    has text before the kill, so the victim's streams are cut mid-answer and replayed."""
     victim = prescient.engines[1]
+    streaming = threading.Barrier(6, timeout=60)
 
     def one(i: int) -> str:
         def kill() -> None:
+            streaming.wait()  # all six streams are running
             if i == 0:
                 victim.kill()
         try:

@@ -5,11 +5,16 @@ step pushes the status `prescient_vllm.status` builds to a `prescient llumlet` o
 (PUSH, msgpack, non-blocking, conflated: only the newest status waits in the queue, so a slow
 or absent llumlet never slows the engine). The llumlet writes it to the CMS.
 
+The plugin binds the endpoint and the llumlet connects, as with vLLM's own KV-event publisher:
+the engine owns the address, statuses sent while no llumlet is connected are dropped (nothing
+stale is delivered later), and a restarted llumlet reconnects at once.
+
 Configuration is by environment, since vLLM passes a plugin nothing but its own config:
 
-- `PRESCIENT_STATUS_ENDPOINT`: the llumlet's `--status-endpoint` (e.g.
-  `ipc:///tmp/prescient-8000.ipc`); `{engine_index}` in it is replaced by the engine's index.
-  Unset: the plugin stays idle and says so once.
+- `PRESCIENT_STATUS_ENDPOINT`: the endpoint to bind, the llumlet's `--status-endpoint` (e.g.
+  `ipc:///tmp/prescient-8000.ipc`, or `tcp://0.0.0.0:5600` for a llumlet on another host);
+  `{engine_index}` in it is replaced by the engine's index. Unset: the plugin stays idle and
+  says so once.
 - `PRESCIENT_QUIET_ITERATION_LOGS` (default 1): vLLM logs one INFO line per step when
   `--enable-logging-iteration-details` is on (which the profiling sample needs); the plugin
   drops those lines unless this is 0.
@@ -78,7 +83,7 @@ class PrescientStatLogger(StatLoggerBase):
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.CONFLATE, 1)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(self.endpoint)
+        self._socket.bind(self.endpoint)
         if os.environ.get(QUIET_ENV, "1") != "0":
             logging.getLogger("vllm.v1.metrics.loggers").addFilter(_DropIterationLines())
         if self._requests is None:
