@@ -101,12 +101,9 @@ class AdaptivePdRoles:
 
     def update(self, state: ClusterState) -> None:
         """Drop reservations of instances that left the view; fill empty slots."""
-        known = {iid for iid, ok in zip(state.ids, state.has_status, strict=True) if ok}
-        if self.prefill not in known:
-            self.prefill = None
-        if self.decode not in known:
-            self.decode = None
-        if (self.prefill is not None and self.decode is not None) or not known:
+        self.prefill = self._still_there(state, self.prefill)
+        self.decode = self._still_there(state, self.decode)
+        if (self.prefill is not None and self.decode is not None) or not state.has_status.any():
             return
         rows = np.flatnonzero(state.has_status)
         prefill_tokens = (state.s("num_uncomputed_tokens_all_waiting_prefills")
@@ -119,6 +116,12 @@ class AdaptivePdRoles:
             self.decode = self._first(state, rows, prefill_tokens, exclude=self.prefill)
         if self.prefill is None:
             self.prefill = self._first(state, rows, decode_batch, exclude=self.decode)
+
+    @staticmethod
+    def _still_there(state: ClusterState, instance_id: str | None) -> str | None:
+        """`instance_id` while the view still has its status, else None."""
+        row = None if instance_id is None else state.row(instance_id)
+        return instance_id if row is not None and state.has_status[row] else None
 
     @staticmethod
     def _first(state: ClusterState, rows: np.ndarray, load: np.ndarray, exclude: str | None
