@@ -7,7 +7,8 @@ their holder does, so each function here reproduces one producer's rule:
   `hash_block_tokens` over `vllm/utils/hashing.py`). Block `i` is
   `H((parent, tuple(block_tokens), extra_keys))` with `parent` the previous block's hash and,
   for the first block, `NONE_HASH = H(seed)` where `seed` is the engine's `PYTHONHASHSEED`
-  string (vLLM draws a random root when it is unset: then no router can match it). `H` is one
+  string; unset, vLLM 0.32 uses "vllm-none-hash" for the sha256 algorithms and a random seed for
+  the xxhash ones, which no router can match (`engine_hash_seed`). `H` is one
   of vLLM's `--prefix-caching-hash-algo` values: `sha256` (pickle, protocol 5), `sha256_cbor`
   (canonical CBOR), `sha256_msgpack`, `xxhash` / `xxhash_cbor` / `xxhash_msgpack` (xxh3-128 of
   the same serialisations). Only full blocks are hashed.
@@ -142,6 +143,22 @@ def vllm_hash_function(algo: VllmHashAlgo) -> Callable[[Any], bytes]:
         digest = _xxh3_128()
         return lambda obj: digest(serialize(obj))
     return lambda obj: hashlib.sha256(serialize(obj)).digest()
+
+
+# vLLM's NONE_HASH seed when PYTHONHASHSEED is unset and the algorithm is cryptographic
+# (`vllm/v1/core/kv_cache_utils.py` DEFAULT_NONE_HASH_SEED, vLLM 0.32); the xxhash algorithms get a
+# random seed instead, which no router can reproduce.
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+_NON_CRYPTO_ALGOS = frozenset({"xxhash", "xxhash_cbor", "xxhash_msgpack"})
+
+
+def engine_hash_seed(algo: VllmHashAlgo, pythonhashseed: str | None) -> str | None:
+    """The seed a vLLM engine derives its root hash from: its `PYTHONHASHSEED` if set, else
+    `DEFAULT_NONE_HASH_SEED` for the sha256 algorithms and a random one (None: unknowable) for
+    the xxhash ones."""
+    if pythonhashseed is not None:
+        return pythonhashseed
+    return None if algo in _NON_CRYPTO_ALGOS else DEFAULT_NONE_HASH_SEED
 
 
 @functools.lru_cache(maxsize=16)

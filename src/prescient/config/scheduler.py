@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Annotated, ClassVar, Literal
 
-from prescient.cache.hashing import VllmHashAlgo
+from prescient.cache.hashing import DEFAULT_NONE_HASH_SEED, VllmHashAlgo
 from prescient.config.cluster import CMS, DISCOVERY, PORT, ClusterSettings
 from prescient.config.settings import (
     DefaultChoice,
@@ -128,8 +128,9 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
         "sha256")
     prefix_caching_hash_seed: Annotated[str, Setting(
         CACHE, "kv-events: the engines' PYTHONHASHSEED, the root of vLLM's block-hash chain. "
-        "vLLM draws a random root when PYTHONHASHSEED is unset, and then no router can name "
-        "its blocks: set PYTHONHASHSEED on every engine to this value.")] = "0"
+        "With it unset, vLLM (0.32) roots sha256 / sha256_cbor at 'vllm-none-hash' (this "
+        "default) and xxhash at a random value no router can match: set PYTHONHASHSEED on "
+        "every engine to this value then.")] = DEFAULT_NONE_HASH_SEED
     prefix_caching_block_size: Annotated[int, Setting(
         CACHE, "kv-events: the engines' --block-size; 0: learned from their BlockStored "
         "events, else the CMS metadata's block_size, else vLLM's 16.", ge=0)] = 0
@@ -141,8 +142,10 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
         CACHE, "KV store metadata service backend.")] = "mooncake"
     kvs_hash_algo: Annotated[Literal["sha256_cbor", "sha256_hex", "xxhash"], Setting(
         CACHE, "Hash of prompt chunks; must match the KV store's. sha256_cbor's root seed is "
-        "--prefix-caching-hash-seed (upstream reads env GO_HASH_SEED).")] = (
-        "sha256_cbor")
+        "--kvs-hash-seed.")] = "sha256_cbor"
+    kvs_hash_seed: Annotated[str, Setting(
+        CACHE, "Root seed of the sha256_cbor chunk keys (upstream's env GO_HASH_SEED, default "
+        "0); it must match what the KV store's writers use.")] = "0"
     kvs_chunk_size: Annotated[int, Setting(CACHE, "Tokens per hashed chunk.", ge=1)] = 256
     kvs_enable_save_unfull_chunk: Annotated[bool, Setting(
         CACHE, "Also hash the last incomplete chunk.")] = False

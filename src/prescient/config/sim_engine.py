@@ -91,7 +91,8 @@ class SimEngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     prefix_caching_hash_algo: Annotated[VllmHashAlgo, Setting(
         ENGINE, "With KV events: vLLM's hash of token-id prompts' blocks (the root is "
-        "H(PYTHONHASHSEED), random when the variable is unset, as in vLLM).")] = "sha256"
+        "H(PYTHONHASHSEED); unset, 'vllm-none-hash' for sha256 and a random one for xxhash, as "
+        "in vLLM 0.32).")] = "sha256"
     kv_events_config: Annotated[str, Setting(
         ENGINE, "Publish the prefix cache's changes as vLLM does: vLLM's KVEventsConfig JSON, "
         'e.g. \'{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": '

@@ -244,7 +244,7 @@ class LiveMooncake:
             down_duration_s=s.kvs_metadata_service_down_duration_s)
         self.index: MooncakeIndex = MooncakeIndex(
             client, chunk_size=s.kvs_chunk_size, algo=s.kvs_hash_algo,
-            save_unfull_chunk=s.kvs_enable_save_unfull_chunk, seed=s.prefix_caching_hash_seed,
+            save_unfull_chunk=s.kvs_enable_save_unfull_chunk, seed=s.kvs_hash_seed,
             iris_meta_prefix=s.kvs_iris_meta_prefix, vllm_block_prefix=s.kvs_vllm_block_prefix)
         self.hits = PrefetchedHits()
         self.min_tokens = feature.min_tokens

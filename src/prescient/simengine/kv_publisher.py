@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from prescient.cache.hashing import VllmHashAlgo, external_block_hash, vllm_block_hashes
+from prescient.cache.hashing import (
+    VllmHashAlgo,
+    engine_hash_seed,
+    external_block_hash,
+    vllm_block_hashes,
+)
 from prescient.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -274,8 +279,9 @@ class VllmTokenHasher:
     """The engine's `token_hasher`: vLLM's block hashes of a prompt (as the published ints),
     recording each block's parent and tokens for the events.
 
-    The root is `H(PYTHONHASHSEED)` as in vLLM; with the variable unset vLLM draws a random
-    root (so no router can match it) and so does this engine.
+    The root is vLLM's (`engine_hash_seed`): `H(PYTHONHASHSEED)`, or with the variable unset a
+    fixed root for the sha256 algorithms and a random one for the xxhash ones (which no router
+    can match), as vLLM 0.32 does.
     """
 
     def __init__(self, algo: VllmHashAlgo, seed: str | None, content: BlockContent) -> None:
@@ -298,11 +304,11 @@ def attach_publisher(engine: SimEngine, config: KvEventsConfig | None, algo: Vll
     and token-id prompts are hashed as vLLM hashes them. None when it does not publish."""
     if config is None or not config.publishes:
         return None
-    seed = env.get("PYTHONHASHSEED")
+    seed = engine_hash_seed(algo, env.get("PYTHONHASHSEED"))
     if seed is None:
-        _log.warning("PYTHONHASHSEED is not set: block hashes get a random root, as in vLLM, "
+        _log.warning("PYTHONHASHSEED is not set: %s block hashes get a random root, as in vLLM, "
                      "and no router can match them; set it (and the scheduler's "
-                     "--prefix-caching-hash-seed) to one value")
+                     "--prefix-caching-hash-seed) to one value", algo)
     content = BlockContent(4 * engine.config.num_gpu_blocks)
     engine.token_hasher = VllmTokenHasher(algo, seed, content)
     publisher = KvEventPublisher(config, engine.config.block_size, content)

@@ -36,9 +36,14 @@ def vllm_workdir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def vllm_engines(vllm_workdir: Path) -> Iterator[list[VllmEngine]]:
-    venv = vllm_venv()
-    engines = [VllmEngine(venv, free_port(), core, vllm_workdir) for core in (0, 1)]
+def vllm_env() -> Path:
+    """The vLLM CPU venv (built on first use, then cached)."""
+    return vllm_venv()
+
+
+@pytest.fixture(scope="session")
+def vllm_engines(vllm_env: Path, vllm_workdir: Path) -> Iterator[list[VllmEngine]]:
+    engines = [VllmEngine(vllm_env, free_port(), core, vllm_workdir) for core in (0, 1)]
     try:
         for engine in engines:
             engine.start()
