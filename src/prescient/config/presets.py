@@ -19,6 +19,12 @@ Where the numbers come from (the project's research notes, `shared/reference/pap
   256 KiB/token (64 layers * 8 KV heads * 128 * 2 * 2 B) -> 7.9e-5 ms/token; attention
   4 * 64 * 8192 FLOP per pair at 50% -> 2.8e-5 ms/pair; 10 us per sequence.
 
+- ``tiny-llama-cpu``: the tiny random-weight Llama of the real-vLLM tests (2 layers, hidden 128,
+  fp32, 32-token blocks, 1 GiB of KV) on vLLM 0.32 CPU, one core: measured by
+  `bench/vllm_fidelity.py --write-preset` (vLLM's per-step model time by scheduled tokens, the
+  engine loop's per-step and per-sequence overhead, and the API server's per-request cost),
+  stored in `data/preset_tiny-llama-cpu.json`.
+
 KV capacity: an 80 GB GPU at 0.9 utilisation holds ~467k Llama-3-8B tokens (29,205 blocks of 16,
 BLIS); an H20's 96 GB at 0.9 leaves 20.9 GB for Qwen3-32B's KV: ~79.7k tokens (4,980 blocks).
 """
@@ -26,6 +32,7 @@ BLIS); an H20's 96 GB at 0.9 leaves 20.9 GB for Qwen3-32B's KV: ~79.7k tokens (4
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 import msgspec
 
@@ -42,13 +49,18 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     block_size: int = 16
     kv_bytes_per_token: int  # for migration transfer times
     source: str  # one line: where the coefficients come from
+    # the serving frontend's time per request outside engine steps (HTTP, tokenization,
+    # detokenization), ms: the simulator delays a request's arrival at the engine by it
+    frontend_ms: float = 0.0
 
     @property
     def step_model(self) -> StepTimeModel:
         return self.model
 
 
+PRESET_DIR = Path(str(resources.files("prescient") / "data"))
 _LLAMA3_8B_KV = 2 * 32 * 8 * 128 * 2  # 128 KiB per token
+_TINY_LLAMA_KV = 2 * 2 * 4 * 32 * 4  # 2 layers x K,V x 4 heads x 32 dims x fp32: 2 KiB
 _QWEN3_32B_KV = 2 * 64 * 8 * 128 * 2  # 256 KiB per token
 
 
@@ -92,8 +104,29 @@ def _builtin() -> dict[str, Preset]:
     return {p.name: p for p in presets}
 
 
+class _Measured(msgspec.Struct, frozen=True):
+    """`data/preset_<name>.json`, as `bench/vllm_fidelity.py --write-preset` writes it."""
+
+    tokens: tuple[int, ...]
+    ms: tuple[float, ...]  # per-step time at `tokens` scheduled tokens, loop overhead included
+    c_seq: float
+    frontend_ms: float
+    source: str
+
+
+def _tiny_llama_cpu() -> Preset:
+    measured = msgspec.json.decode((PRESET_DIR / "preset_tiny-llama-cpu.json").read_bytes(),
+                                   type=_Measured)
+    return Preset(
+        name="tiny-llama-cpu",
+        model=TableStepTime(tokens=measured.tokens, ms=measured.ms, c_attn=0.0, c_kv=0.0,
+                            c_seq=measured.c_seq),
+        num_gpu_blocks=16384, block_size=32, kv_bytes_per_token=_TINY_LLAMA_KV,
+        frontend_ms=measured.frontend_ms, source=measured.source)
+
+
 PRESETS: dict[str, Preset] = _builtin()
-_LAZY = {"llama3-8b-a100-table"}
+_LAZY = {"llama3-8b-a100-table", "tiny-llama-cpu"}
 
 
 def preset_names() -> list[str]:
@@ -111,4 +144,6 @@ def get_preset(name: str) -> Preset:
             base, name=name, model=_a100_table(),
             source="Vidur A100 Llama-3-8B measurements as a table (data/steptime_*.csv)",
         )
+    if name == "tiny-llama-cpu":
+        return _tiny_llama_cpu()
     raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")

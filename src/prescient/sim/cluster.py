@@ -216,6 +216,9 @@ class ClusterSim:
                 reservations=reservations_of(self.policy))
         self._kv_bytes = {s.instance_id: get_preset(s.preset).kv_bytes_per_token
                           for s in instances}
+        # the serving frontend's per-request time: a request reaches its engine this late
+        self._frontend_s = {s.instance_id: get_preset(s.preset).frontend_ms / 1000
+                            for s in instances}
         self.migrator = Migrator(self, self.engines, self._kv_bytes, settings.migration)
         self._dead: set[str] = set()  # crashed instances
         self._draining: set[str] = set()  # instances reporting themselves unschedulable
@@ -331,7 +334,10 @@ class ClusterSim:
             self._pd[req.request_id] = _PdLegs(req, iid, decode)
             if req.output_len > 1:  # the prefill leg: vLLM's max_tokens=1
                 req = msgspec.structs.replace(req, output_len=1)
-        self._hand_over(iid, req)
+        if self._frontend_s[iid] > 0:
+            self.loop.at(now + self._frontend_s[iid], Order.ARRIVAL, self._hand_over, iid, req)
+        else:
+            self._hand_over(iid, req)
 
     def _hand_over(self, iid: str, req: Request, *, prefilled: bool = False) -> None:
         """Queue `req` on the engine and wake it (or reject the request if it never fits)."""

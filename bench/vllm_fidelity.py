@@ -1,0 +1,306 @@
+"""Simulator fidelity: the same workload on two real vLLM CPU engines and in `prescient simulate`.
+
+1. **Calibrate** a preset for the tiny vLLM CPU engine (`tiny-llama-cpu`) from measured timings
+   of one engine: vLLM's own per-step model time (`--enable-logging-iteration-details`) binned by
+   scheduled tokens (the table-driven step model), plus the two costs a step table does not see,
+   measured from the client: the engine loop's per-step overhead (a decode stream's token
+   period minus the step's model time, over batch sizes) and the API server's per-request cost
+   (an idle engine's TTFT minus its prefill step). `--write-preset` stores them in
+   `src/prescient/data/steptime_tiny-llama-cpu.csv`.
+2. **Replay** one workload, arrivals and lengths shaped like the Azure conversation trace and
+   scaled to what two tiny CPU engines serve, through a Prescient gateway on two real engines
+   (one per core), streaming, and record each request's TTFT and TPOT at the client.
+3. **Simulate** the same requests on 2 x `tiny-llama-cpu` with the same policy, and compare the
+   TTFT and TPOT distributions (p50, p90, p99; goal: medians within 5%, p99 within 15%), with a
+   CDF plot (`--plot`).
+
+    .venv/bin/python bench/vllm_fidelity.py --write-preset --plot bench/results/vllm_fidelity.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import msgspec  # noqa: E402
+from tests.live.harness import child, free_port  # noqa: E402
+from tests.live.vllm.engine import MODEL, VllmEngine, vllm_venv  # noqa: E402
+
+from prescient.config.presets import PRESET_DIR  # noqa: E402
+from prescient.config.scheduler import SchedulerSettings  # noqa: E402
+from prescient.model import Request  # noqa: E402
+from prescient.sim.cluster import InstanceSpec, SimSettings, simulate  # noqa: E402
+from prescient.sim.traces import load_trace  # noqa: E402
+
+ITERATION = re.compile(
+    r"Iteration\((\d+)\): (\d+) context requests, (\d+) context tokens, (\d+) generation "
+    r"requests, (\d+) generation tokens, iteration elapsed time: ([\d.]+) ms")
+TABLE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+PRESET = "tiny-llama-cpu"
+PRESET_FILE = PRESET_DIR / f"preset_{PRESET}.json"
+MAX_PROMPT, MAX_OUTPUT = 1500, 256
+
+
+class Stream:
+    """One streamed completion's client-side timings."""
+
+    def __init__(self, ttft: float, gaps: list[float], tokens: int) -> None:
+        self.ttft, self.gaps, self.tokens = ttft, gaps, tokens
+
+    @property
+    def tpot(self) -> float | None:
+        return statistics.fmean(self.gaps) if self.gaps else None
+
+
+async def stream(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
+                 request_id: str = "") -> Stream:
+    """Stream one completion; token arrival times at the client."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True}
+    headers = {"x-request-id": request_id} if request_id else {}
+    start = time.perf_counter()
+    times: list[float] = []
+    async with http.post(url + "/v1/completions", json=body, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        buffer = b""
+        async for data in r.content.iter_any():
+            now = time.perf_counter()
+            buffer += data
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: {") and b'"text"' in event:
+                    times.append(now)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return Stream(times[0] - start, gaps, len(times))
+
+
+def steps_since(engine: VllmEngine, offset: int) -> np.ndarray:
+    text = engine.log.read_text(errors="replace")[offset:]
+    rows = [tuple(float(g) for g in m.groups()) for m in ITERATION.finditer(text)]
+    return np.array(rows, dtype=np.float64).reshape(-1, 6)
+
+
+def tokens_of(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(10, 1400) for _ in range(n)]
+
+
+# ---- 1. calibration ---------------------------------------------------------------------------
+
+
+async def calibrate(engine: VllmEngine) -> dict[str, object]:
+    rng = random.Random(11)
+    url = engine.url
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):  # warm-up
+            await stream(http, url, tokens_of(rng, 64), 4)
+        offset = engine.log.stat().st_size
+        # prefill: idle engine, one request at a time, 2 output tokens
+        prefill: dict[int, list[float]] = {}
+        for p in (16, 64, 256, 512, 1024, 1500):
+            for _ in range(5):
+                s = await stream(http, url, tokens_of(rng, p), 2)
+                prefill.setdefault(p, []).append(s.ttft)
+        # decode: B concurrent streams, short prompts, 96 tokens each
+        decode: dict[int, list[float]] = {}
+        for b in (1, 2, 4, 8, 16, 32, 64):
+            runs = await asyncio.gather(*(stream(http, url, tokens_of(rng, 16), 96)
+                                          for _ in range(b)))
+            decode[b] = [g for s in runs for g in s.gaps[10:-10]]  # steady state only
+    steps = steps_since(engine, offset)
+    return {"prefill": prefill, "decode": decode, "steps": steps.tolist()}
+
+
+def fit_preset(cal: dict[str, object]) -> dict[str, object]:
+    """The step table (model time by scheduled tokens, plus the loop's per-step overhead) and
+    the API server's per-request cost."""
+    steps = np.array(cal["steps"])  # type: ignore[arg-type]
+    scheduled = steps[:, 2] + steps[:, 4]
+    elapsed = steps[:, 5]
+    table = []
+    for lo, hi in zip(TABLE_TOKENS, (*TABLE_TOKENS[1:], 10**9), strict=True):
+        mask = (scheduled >= lo) & (scheduled < hi)
+        if mask.sum() >= 3:
+            table.append((float(np.median(scheduled[mask])), float(np.median(elapsed[mask]))))
+
+    def model_ms(tokens: float) -> float:
+        xs, ys = zip(*table, strict=True)
+        return float(np.interp(tokens, xs, ys))
+
+    # a decode stream's token period minus the step's model time, per batch size: the loop's
+    # overhead, fitted as o0 + c_seq * B (output processing grows with the batch)
+    decode = cal["decode"]  # type: ignore[assignment]
+    batches = np.array([float(b) for b, gaps in decode.items() if gaps])  # type: ignore[union-attr]
+    periods = np.array([statistics.median(gaps) * 1e3 - model_ms(float(b))
+                        for b, gaps in decode.items() if gaps])  # type: ignore[union-attr]
+    c_seq, o0 = (float(v) for v in np.polyfit(batches, periods, 1))
+    c_seq, o0 = max(c_seq, 0.0), max(o0, 0.0)
+    prefill = cal["prefill"]  # type: ignore[assignment]
+    frontend = statistics.median(statistics.median(t) * 1e3 - (model_ms(float(p)) + o0 + c_seq)
+                                 for p, t in prefill.items())  # type: ignore[union-attr]
+    return {"tokens": [round(x) for x, _ in table], "ms": [round(y + o0, 4) for _, y in table],
+            "c_seq": round(c_seq, 5), "step_overhead_ms": round(o0, 4),
+            "frontend_ms": round(max(frontend, 0.0), 4),
+            "source": "bench/vllm_fidelity.py --write-preset: vLLM 0.32 CPU, one core, "
+                      f"{len(steps)} steps, {time.strftime('%Y-%m-%d')}"}
+
+
+# ---- 2. the workload, live ------------------------------------------------------------------
+
+
+def workload(n: int, rate_scale: float) -> list[Request]:
+    """The first `n` requests of the bundled Azure conversation trace, arrivals `rate_scale`x
+    faster, prompts clipped to MAX_PROMPT and outputs to MAX_OUTPUT tokens (the tiny engines'
+    2048-token context)."""
+    trace = load_trace("azure-conv").requests[:n]
+    t0 = trace[0].arrival_time
+    return [msgspec.structs.replace(
+        r, arrival_time=(r.arrival_time - t0) / rate_scale,
+        prompt_len=min(r.prompt_len, MAX_PROMPT), output_len=min(r.output_len, MAX_OUTPUT))
+        for r in trace]
+
+
+async def replay(url: str, requests: list[Request]) -> dict[str, Stream]:
+    """Send each request at its arrival time (streamed, token-id prompt); client timings."""
+    rng = random.Random(5)
+    prompts = {r.request_id: tokens_of(rng, r.prompt_len) for r in requests}
+    out: dict[str, Stream] = {}
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+        start = time.perf_counter()
+
+        async def one(r: Request) -> None:
+            await asyncio.sleep(max(0.0, start + r.arrival_time - time.perf_counter()))
+            out[r.request_id] = await stream(http, url, prompts[r.request_id], r.output_len,
+                                             request_id=r.request_id)
+
+        await asyncio.gather(*(one(r) for r in requests))
+    return out
+
+
+def live_run(venv: Path, work: Path, requests: list[Request]) -> dict[str, Stream]:
+    engines = [VllmEngine(venv, free_port(), core, work) for core in (0, 1)]
+    port = free_port()
+    try:
+        for e in engines:
+            e.start()
+        for e in engines:
+            e.wait_ready()
+        with child(["gateway", "--host", "127.0.0.1", "--port", str(port),
+                    "--enable-full-mode-scheduling=false", "--llm-backend-endpoints",
+                    ",".join(e.address for e in engines), "--served-model-name", MODEL,
+                    "--tokenizer-path", str(venv / MODEL)], port=port,
+                   log=work / "gateway.log"):
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(replay(url, requests[:8]))  # warm-up: connections, first steps
+            return asyncio.run(replay(url, requests))
+    finally:
+        for e in engines:
+            e.stop()
+
+
+# ---- 3. the same workload, simulated --------------------------------------------------------
+
+
+def sim_run(requests: list[Request]) -> dict[str, tuple[float | None, float | None]]:
+    """(TTFT, TPOT) per request on 2 x tiny-llama-cpu, the gateway's lite load-balance."""
+    instances = [InstanceSpec(instance_id=f"vllm-{i}", preset=PRESET, max_num_seqs=128,
+                              max_num_batched_tokens=2048) for i in range(2)]
+    settings = SimSettings(scheduler=SchedulerSettings(enable_full_mode_scheduling=False))
+    result = simulate(requests, instances, "load-balance", settings)
+    return {r.request_id: (r.ttft, r.tpot) for r in result.records}
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    arr = np.array(values)
+    return (float(np.percentile(arr, 50)), float(np.percentile(arr, 90)),
+            float(np.percentile(arr, 99)))
+
+
+def compare(live: dict[str, Stream], sim: dict[str, tuple[float | None, float | None]],
+            plot: str | None) -> None:
+    metrics = {
+        "TTFT": ([s.ttft for s in live.values()],
+                 [t for t, _ in sim.values() if t is not None]),
+        "TPOT": ([s.tpot for s in live.values() if s.tpot is not None],
+                 [p for _, p in sim.values() if p is not None]),
+    }
+    print("metric  source        p50 ms   p90 ms   p99 ms")
+    for name, (real, simulated) in metrics.items():
+        rq, sq = quantiles(real), quantiles(simulated)
+        print(f"{name}    vLLM       {rq[0] * 1e3:8.2f} {rq[1] * 1e3:8.2f} {rq[2] * 1e3:8.2f}")
+        print(f"{name}    simulated  {sq[0] * 1e3:8.2f} {sq[1] * 1e3:8.2f} {sq[2] * 1e3:8.2f}")
+        med, tail = sq[0] / rq[0] - 1, sq[2] / rq[2] - 1
+        print(f"{name}    sim/real   {med:+8.1%} {sq[1] / rq[1] - 1:+8.1%} {tail:+8.1%}   "
+              f"median {'MET' if abs(med) <= 0.05 else 'NOT MET'} (5%), p99 "
+              f"{'MET' if abs(tail) <= 0.15 else 'NOT MET'} (15%)")
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, (name, (real, simulated)) in zip(axes, metrics.items(), strict=True):
+            for label, values in (("vLLM CPU (2 engines)", real),
+                                  (f"simulated (2 x {PRESET})", simulated)):
+                xs = np.sort(np.array(values) * 1e3)
+                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel(f"{name} (ms)")
+            ax.set_ylabel("fraction of requests")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=120)
+        print(f"wrote {plot}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-preset", action="store_true",
+                        help=f"calibrate first and store the result as preset {PRESET}")
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--rate-scale", type=float, default=2.0)
+    parser.add_argument("--plot", default="", help="write the CDF plot here (PNG)")
+    args = parser.parse_args()
+    venv = vllm_venv()
+    with tempfile.TemporaryDirectory(prefix="pvf-") as d:
+        work = Path(d)
+        if args.write_preset:
+            engine = VllmEngine(venv, free_port(), 0, work,
+                                extra_env={"PRESCIENT_QUIET_ITERATION_LOGS": "0"})
+            engine.start()
+            try:
+                engine.wait_ready()
+                cal = asyncio.run(calibrate(engine))
+            finally:
+                engine.stop()
+            fitted = fit_preset(cal)
+            PRESET_FILE.write_text(json.dumps(fitted, indent=1) + "\n")
+            print(f"wrote {PRESET_FILE}: per-step overhead {fitted['step_overhead_ms']:.2f} ms "
+                  f"+ {fitted['c_seq']:.4f} ms/sequence, API server {fitted['frontend_ms']:.2f} "
+                  "ms per request")
+        requests = workload(args.requests, args.rate_scale)
+        live = live_run(venv, work, requests)
+    print(f"{len(requests)} requests of azure-conv, rate x{args.rate_scale:g}, prompts <= "
+          f"{MAX_PROMPT}, outputs <= {MAX_OUTPUT}; lite load-balance over 2 engines")
+    compare(live, sim_run(requests), args.plot or None)
+
+
+if __name__ == "__main__":
+    main()
