@@ -1,11 +1,12 @@
 """Simulator fidelity: the same workload on two real vLLM CPU engines and in `prescient simulate`.
 
 1. **Calibrate** a preset for the tiny vLLM CPU engine (`tiny-llama-cpu`) from measured timings
-   of one engine: vLLM's own per-step model time (`--enable-logging-iteration-details`) binned by
-   scheduled tokens (the table-driven step model), plus the two costs a step table does not see,
-   measured from the client: the engine loop's per-step overhead (a decode stream's token
-   period minus the step's model time, over batch sizes) and the API server's per-request cost
-   (an idle engine's TTFT minus its prefill step). `--write-preset` stores them in
+   of one engine behind a gateway, as served: vLLM's own per-step model time
+   (`--enable-logging-iteration-details`) binned by scheduled tokens (the table-driven step
+   model), plus the two costs a step table does not see, measured from the client: the engine
+   loop's per-step overhead (a decode stream's token period minus the step's model time, over
+   batch sizes) and the serving path's per-request cost (an idle engine's TTFT minus its
+   prefill step: HTTP, gateway, API server). `--write-preset` stores them in
    `src/prescient/data/steptime_tiny-llama-cpu.csv`.
 2. **Replay** one workload, arrivals and lengths shaped like the Azure conversation trace and
    scaled to what two tiny CPU engines serve, through a Prescient gateway on two real engines
@@ -29,6 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import aiohttp
@@ -41,7 +44,7 @@ import msgspec  # noqa: E402
 from tests.live.harness import child, free_port  # noqa: E402
 from tests.live.vllm.engine import MODEL, VllmEngine, vllm_venv  # noqa: E402
 
-from prescient.config.presets import PRESET_DIR  # noqa: E402
+from prescient.config.presets import PRESET_DIR, get_preset  # noqa: E402
 from prescient.config.scheduler import SchedulerSettings  # noqa: E402
 from prescient.model import Request  # noqa: E402
 from prescient.sim.cluster import InstanceSpec, SimSettings, simulate  # noqa: E402
@@ -102,9 +105,9 @@ def tokens_of(rng: random.Random, n: int) -> list[int]:
 # ---- 1. calibration ---------------------------------------------------------------------------
 
 
-async def calibrate(engine: VllmEngine) -> dict[str, object]:
+async def calibrate(engine: VllmEngine, url: str) -> dict[str, object]:
+    """Timings of `engine` as a client sees them through `url` (the gateway in front of it)."""
     rng = random.Random(11)
-    url = engine.url
     async with aiohttp.ClientSession() as http:
         for _ in range(5):  # warm-up
             await stream(http, url, tokens_of(rng, 64), 4)
@@ -126,37 +129,45 @@ async def calibrate(engine: VllmEngine) -> dict[str, object]:
 
 
 def fit_preset(cal: dict[str, object]) -> dict[str, object]:
-    """The step table (model time by scheduled tokens, plus the loop's per-step overhead) and
-    the API server's per-request cost."""
+    """The step table and the serving path's per-request cost.
+
+    The table holds step *periods* by scheduled tokens, as the client sees them: up to the
+    largest calibrated decode batch, the median token gap of B concurrent decode streams (a
+    decode step schedules B tokens); above, prefill-sized steps: vLLM's median model time for
+    that many tokens plus the loop overhead a single decode showed (its period minus its model
+    time). The per-request cost is an idle engine's TTFT minus its prefill step's period.
+    """
     steps = np.array(cal["steps"])  # type: ignore[arg-type]
     scheduled = steps[:, 2] + steps[:, 4]
     elapsed = steps[:, 5]
-    table = []
+    model: list[tuple[float, float]] = []
     for lo, hi in zip(TABLE_TOKENS, (*TABLE_TOKENS[1:], 10**9), strict=True):
         mask = (scheduled >= lo) & (scheduled < hi)
         if mask.sum() >= 3:
-            table.append((float(np.median(scheduled[mask])), float(np.median(elapsed[mask]))))
+            model.append((float(np.median(scheduled[mask])), float(np.median(elapsed[mask]))))
 
     def model_ms(tokens: float) -> float:
-        xs, ys = zip(*table, strict=True)
+        xs, ys = zip(*model, strict=True)
         return float(np.interp(tokens, xs, ys))
 
-    # a decode stream's token period minus the step's model time, per batch size: the loop's
-    # overhead, fitted as o0 + c_seq * B (output processing grows with the batch)
-    decode = cal["decode"]  # type: ignore[assignment]
-    batches = np.array([float(b) for b, gaps in decode.items() if gaps])  # type: ignore[union-attr]
-    periods = np.array([statistics.median(gaps) * 1e3 - model_ms(float(b))
-                        for b, gaps in decode.items() if gaps])  # type: ignore[union-attr]
-    c_seq, o0 = (float(v) for v in np.polyfit(batches, periods, 1))
-    c_seq, o0 = max(c_seq, 0.0), max(o0, 0.0)
+    decode = {int(b): gaps for b, gaps in cal["decode"].items() if gaps}  # type: ignore[union-attr]
+    periods = {b: statistics.median(gaps) * 1e3 for b, gaps in sorted(decode.items())}
+    overhead = max(periods[min(periods)] - model_ms(float(min(periods))), 0.0)
+    largest = max(periods)
+    table = [(float(b), p) for b, p in periods.items()]
+    table += [(x, y + overhead) for x, y in model if x > largest]
+    table_x = tuple(x for x, _ in table)
+    # a step of more tokens is never faster: the running maximum irons out measurement noise
+    table_y = tuple(float(y) for y in np.maximum.accumulate([y for _, y in table]))
     prefill = cal["prefill"]  # type: ignore[assignment]
-    frontend = statistics.median(statistics.median(t) * 1e3 - (model_ms(float(p)) + o0 + c_seq)
-                                 for p, t in prefill.items())  # type: ignore[union-attr]
-    return {"tokens": [round(x) for x, _ in table], "ms": [round(y + o0, 4) for _, y in table],
-            "c_seq": round(c_seq, 5), "step_overhead_ms": round(o0, 4),
+    frontend = statistics.median(
+        statistics.median(t) * 1e3 - float(np.interp(float(p), table_x, table_y))
+        for p, t in prefill.items())  # type: ignore[union-attr]
+    return {"tokens": [round(x) for x in table_x], "ms": [round(y, 4) for y in table_y],
+            "c_seq": 0.0, "step_overhead_ms": round(overhead, 4),
             "frontend_ms": round(max(frontend, 0.0), 4),
-            "source": "bench/vllm_fidelity.py --write-preset: vLLM 0.32 CPU, one core, "
-                      f"{len(steps)} steps, {time.strftime('%Y-%m-%d')}"}
+            "source": "bench/vllm_fidelity.py --write-preset: vLLM 0.32 CPU, one core, behind "
+                      f"a lite gateway, {len(steps)} steps, {time.strftime('%Y-%m-%d')}"}
 
 
 # ---- 2. the workload, live ------------------------------------------------------------------
@@ -193,22 +204,70 @@ async def replay(url: str, requests: list[Request]) -> dict[str, Stream]:
     return out
 
 
-def live_run(venv: Path, work: Path, requests: list[Request]) -> dict[str, Stream]:
-    engines = [VllmEngine(venv, free_port(), core, work) for core in (0, 1)]
+def _hist(url: str, name: str) -> dict[float, float]:
+    """A Prometheus histogram's cumulative bucket counts, summed over series."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[float, float] = {}
+    for m in re.finditer(rf'^{re.escape(name)}_bucket{{[^}}]*le="([^"]+)"[^}}]*}} (\S+)$', text,
+                         re.MULTILINE):
+        le = float(m.group(1))
+        out[le] = out.get(le, 0.0) + float(m.group(2))
+    return out
+
+
+def _quantiles_of(buckets: dict[float, float]) -> str:
+    """p50 / p90 / p99 upper bucket bounds of a cumulative histogram, in ms."""
+    items = sorted(buckets.items())
+    total = items[-1][1] if items else 0
+    if not total:
+        return "no samples"
+    def q(p: float) -> str:
+        le = next(le for le, c in items if c >= p * total)
+        return f"<={le * 1e3:g}"
+    return f"p50 {q(0.5)}, p90 {q(0.9)}, p99 {q(0.99)} ms ({int(total)} requests)"
+
+
+def gateway(engines: list[VllmEngine], port: int, work: Path, venv: Path
+            ) -> AbstractContextManager[object]:
+    """A lite-mode gateway (embedded load-balance) in front of `engines`, on `port`."""
+    return child(["gateway", "--host", "127.0.0.1", "--port", str(port),
+                  "--enable-full-mode-scheduling=false", "--llm-backend-endpoints",
+                  ",".join(e.address for e in engines), "--served-model-name", MODEL,
+                  "--tokenizer-path", str(venv / MODEL)], port=port,
+                 log=work / f"gateway-{port}.log")
+
+
+def live_run(venv: Path, work: Path, requests: list[Request], n_engines: int
+             ) -> tuple[dict[str, Stream], np.ndarray]:
+    """Client timings per request, and every step the engines ran (their iteration logs)."""
+    engines = [VllmEngine(venv, free_port(), core, work,
+                          extra_env={"PRESCIENT_QUIET_ITERATION_LOGS": "0"})
+               for core in range(n_engines)]
     port = free_port()
     try:
         for e in engines:
             e.start()
         for e in engines:
             e.wait_ready()
-        with child(["gateway", "--host", "127.0.0.1", "--port", str(port),
-                    "--enable-full-mode-scheduling=false", "--llm-backend-endpoints",
-                    ",".join(e.address for e in engines), "--served-model-name", MODEL,
-                    "--tokenizer-path", str(venv / MODEL)], port=port,
-                   log=work / "gateway.log"):
+        with gateway(engines, port, work, venv):
             url = f"http://127.0.0.1:{port}"
             asyncio.run(replay(url, requests[:8]))  # warm-up: connections, first steps
-            return asyncio.run(replay(url, requests))
+            offsets = [e.log.stat().st_size for e in engines]
+            before = [_hist(e.url, "vllm:time_to_first_token_seconds") for e in engines]
+            gw_before = _hist(url, "prescient_gateway_ttft_seconds")
+            streams = asyncio.run(replay(url, requests))
+            after = [_hist(e.url, "vllm:time_to_first_token_seconds") for e in engines]
+            gw_after = _hist(url, "prescient_gateway_ttft_seconds")
+            engine_ttft = {le: sum(a[le] - b.get(le, 0) for a, b in zip(after, before,
+                                                                        strict=True))
+                           for le in after[0]}
+            print("TTFT at the engines (vLLM's histogram):", _quantiles_of(engine_ttft))
+            print("TTFT at the gateway (its histogram):   ", _quantiles_of(
+                {le: gw_after[le] - gw_before.get(le, 0) for le in gw_after}))
+            steps = np.concatenate([steps_since(e, o) for e, o in zip(engines, offsets,
+                                                                      strict=True)])
+            return streams, steps
     finally:
         for e in engines:
             e.stop()
@@ -217,13 +276,30 @@ def live_run(venv: Path, work: Path, requests: list[Request]) -> dict[str, Strea
 # ---- 3. the same workload, simulated --------------------------------------------------------
 
 
-def sim_run(requests: list[Request]) -> dict[str, tuple[float | None, float | None]]:
-    """(TTFT, TPOT) per request on 2 x tiny-llama-cpu, the gateway's lite load-balance."""
+def sim_run(requests: list[Request], n_engines: int
+            ) -> dict[str, tuple[float | None, float | None]]:
+    """(TTFT, TPOT) per request on n x tiny-llama-cpu, the gateway's lite load-balance."""
     instances = [InstanceSpec(instance_id=f"vllm-{i}", preset=PRESET, max_num_seqs=128,
-                              max_num_batched_tokens=2048) for i in range(2)]
+                              max_num_batched_tokens=2048) for i in range(n_engines)]
     settings = SimSettings(scheduler=SchedulerSettings(enable_full_mode_scheduling=False))
     result = simulate(requests, instances, "load-balance", settings)
     return {r.request_id: (r.ttft, r.tpot) for r in result.records}
+
+
+def step_report(steps: np.ndarray) -> None:
+    """The replay's own steps against the preset's table: how much slower a step of the same
+    size ran with both engines, the gateway and the client on the machine."""
+    preset = get_preset(PRESET)
+    model = preset.model
+    scheduled = steps[:, 2] + steps[:, 4]
+    print(f"replay steps: {len(steps)}; model time by scheduled tokens, replay vs preset (ms)")
+    for lo, hi in zip(TABLE_TOKENS, (*TABLE_TOKENS[1:], 10**9), strict=True):
+        mask = (scheduled >= lo) & (scheduled < hi)
+        if mask.sum() >= 3:
+            mid = float(np.median(scheduled[mask]))
+            table_ms = model.step_time(int(mid), 0.0, 0, 0) * 1e3
+            print(f"  {lo:>5}-{hi if hi < 10**9 else '':<5} n={int(mask.sum()):>6}  replay "
+                  f"{float(np.median(steps[mask, 5])):7.2f}  preset {table_ms:7.2f}")
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -233,7 +309,7 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def compare(live: dict[str, Stream], sim: dict[str, tuple[float | None, float | None]],
-            plot: str | None) -> None:
+            plot: str | None, n_engines: int) -> None:
     metrics = {
         "TTFT": ([s.ttft for s in live.values()],
                  [t for t, _ in sim.values() if t is not None]),
@@ -255,8 +331,8 @@ def compare(live: dict[str, Stream], sim: dict[str, tuple[float | None, float | 
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, (name, (real, simulated)) in zip(axes, metrics.items(), strict=True):
-            for label, values in (("vLLM CPU (2 engines)", real),
-                                  (f"simulated (2 x {PRESET})", simulated)):
+            for label, values in ((f"vLLM CPU ({n_engines} engine(s))", real),
+                                  (f"simulated ({n_engines} x {PRESET})", simulated)):
                 xs = np.sort(np.array(values) * 1e3)
                 ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
             ax.set_xscale("log")
@@ -276,6 +352,8 @@ def main() -> None:
                         help=f"calibrate first and store the result as preset {PRESET}")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--rate-scale", type=float, default=2.0)
+    parser.add_argument("--engines", type=int, choices=(1, 2), default=2,
+                        help="real engines (one per core) and simulated instances")
     parser.add_argument("--plot", default="", help="write the CDF plot here (PNG)")
     args = parser.parse_args()
     venv = vllm_venv()
@@ -285,21 +363,25 @@ def main() -> None:
             engine = VllmEngine(venv, free_port(), 0, work,
                                 extra_env={"PRESCIENT_QUIET_ITERATION_LOGS": "0"})
             engine.start()
+            port = free_port()
             try:
                 engine.wait_ready()
-                cal = asyncio.run(calibrate(engine))
+                with gateway([engine], port, work, venv):
+                    cal = asyncio.run(calibrate(engine, f"http://127.0.0.1:{port}"))
             finally:
                 engine.stop()
             fitted = fit_preset(cal)
             PRESET_FILE.write_text(json.dumps(fitted, indent=1) + "\n")
-            print(f"wrote {PRESET_FILE}: per-step overhead {fitted['step_overhead_ms']:.2f} ms "
-                  f"+ {fitted['c_seq']:.4f} ms/sequence, API server {fitted['frontend_ms']:.2f} "
-                  "ms per request")
+            print(f"wrote {PRESET_FILE}: step periods {fitted['ms']} ms at "
+                  f"{fitted['tokens']} tokens (loop overhead {fitted['step_overhead_ms']:.2f} "
+                  f"ms), serving path {fitted['frontend_ms']:.2f} ms per request")
         requests = workload(args.requests, args.rate_scale)
-        live = live_run(venv, work, requests)
+        live, steps = live_run(venv, work, requests, args.engines)
     print(f"{len(requests)} requests of azure-conv, rate x{args.rate_scale:g}, prompts <= "
-          f"{MAX_PROMPT}, outputs <= {MAX_OUTPUT}; lite load-balance over 2 engines")
-    compare(live, sim_run(requests), args.plot or None)
+          f"{MAX_PROMPT}, outputs <= {MAX_OUTPUT}; lite load-balance over {args.engines} "
+          "engine(s)")
+    compare(live, sim_run(requests, args.engines), args.plot or None, args.engines)
+    step_report(steps)
 
 
 if __name__ == "__main__":
