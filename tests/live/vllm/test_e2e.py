@@ -278,18 +278,26 @@ def test_a_running_stream_migrates_between_the_vllm_engines(prescient: Prescient
 
 
 def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient) -> None:
-    """Runs last: it kills an engine (the fixture restarts it for any later test). Every stream
-    has text before the kill, so the victim's streams are cut mid-answer and replayed."""
-    victim = prescient.engines[1]
+    """Runs last: it kills an engine (the `vllm_pair` fixture restarts it for later tests).
+    Every stream has text before the kill, and the engine killed is the one running the most
+    of them, so its streams are cut mid-answer and must be replayed."""
     streaming = threading.Barrier(6, timeout=60)
+    killed: list[VllmEngine] = []
+
+    def kill_the_busiest() -> None:
+        running = {e.name: metric(e, "vllm:num_requests_running") for e in prescient.engines}
+        victim = max(prescient.engines, key=lambda e: running[e.name])
+        assert running[victim.name] > 0, running
+        victim.kill()
+        killed.append(victim)
 
     def one(i: int) -> str:
-        def kill() -> None:
+        def on_text() -> None:
             streaming.wait()  # all six streams are running
             if i == 0:
-                victim.kill()
+                kill_the_busiest()
         try:
-            ids, _text, usage = _stream(prescient.lite, f"kill-{i}", 600, kill)
+            ids, _text, usage = _stream(prescient.lite, f"kill-{i}", 600, on_text)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
         done = usage is not None and usage.completion_tokens == 600  # type: ignore[attr-defined]
@@ -298,5 +306,5 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
     with prescient.stack.diagnosis(), ThreadPoolExecutor(6) as pool:
         outcomes = list(pool.map(one, range(6)))
     assert outcomes == ["ok"] * 6, outcomes
-    assert not victim.running
+    assert killed and not killed[0].running
     assert metric(prescient.lite, "prescient_gateway_replays_total") >= 1

@@ -20,8 +20,8 @@ from .engine import BLOCK_SIZE, HASH_SEED, MODEL, VllmEngine
 
 
 def test_vllm_block_stored_events_carry_prescients_block_hashes(
-        vllm_engines: list[VllmEngine]) -> None:
-    engine = vllm_engines[0]  # the e2e tests kill only the second one
+        vllm_pair: list[VllmEngine]) -> None:
+    engine = vllm_pair[0]
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.connect(engine.kv_endpoint)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
