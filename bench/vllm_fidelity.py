@@ -50,9 +50,6 @@ from prescient.model import Request  # noqa: E402
 from prescient.sim.cluster import InstanceSpec, SimSettings, simulate  # noqa: E402
 from prescient.sim.traces import load_trace  # noqa: E402
 
-ITERATION = re.compile(
-    r"Iteration\((\d+)\): (\d+) context requests, (\d+) context tokens, (\d+) generation "
-    r"requests, (\d+) generation tokens, iteration elapsed time: ([\d.]+) ms")
 TABLE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 PRESET = "tiny-llama-cpu"
 PRESET_FILE = PRESET_DIR / f"preset_{PRESET}.json"
@@ -93,9 +90,7 @@ async def stream(http: aiohttp.ClientSession, url: str, prompt: list[int], max_t
 
 
 def steps_since(engine: VllmEngine, offset: int) -> np.ndarray:
-    text = engine.log.read_text(errors="replace")[offset:]
-    rows = [tuple(float(g) for g in m.groups()) for m in ITERATION.finditer(text)]
-    return np.array(rows, dtype=np.float64).reshape(-1, 6)
+    return np.array(engine.steps_since(offset), dtype=np.float64).reshape(-1, 6)
 
 
 def tokens_of(rng: random.Random, n: int) -> list[int]:
@@ -111,7 +106,7 @@ async def calibrate(engine: VllmEngine, url: str) -> dict[str, object]:
     async with aiohttp.ClientSession() as http:
         for _ in range(5):  # warm-up
             await stream(http, url, tokens_of(rng, 64), 4)
-        offset = engine.log.stat().st_size
+        offset = engine.log_size()
         # prefill: idle engine, one request at a time, 2 output tokens
         prefill: dict[int, list[float]] = {}
         for p in (16, 64, 256, 512, 1024, 1500):
@@ -253,7 +248,7 @@ def live_run(venv: Path, work: Path, requests: list[Request], n_engines: int
         with gateway(engines, port, work, venv):
             url = f"http://127.0.0.1:{port}"
             asyncio.run(replay(url, requests[:8]))  # warm-up: connections, first steps
-            offsets = [e.log.stat().st_size for e in engines]
+            offsets = [e.log_size() for e in engines]
             before = [_hist(e.url, "vllm:time_to_first_token_seconds") for e in engines]
             gw_before = _hist(url, "prescient_gateway_ttft_seconds")
             streams = asyncio.run(replay(url, requests))

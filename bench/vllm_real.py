@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -53,9 +52,6 @@ from tests.live.vllm.engine import MODEL, VllmEngine, vllm_venv  # noqa: E402
 from prescient.predict.quadratic import fit_step_time  # noqa: E402
 from prescient.predict.structural import fit_structural  # noqa: E402
 
-ITERATION = re.compile(
-    r"Iteration\((\d+)\): (\d+) context requests, (\d+) context tokens, (\d+) generation "
-    r"requests, (\d+) generation tokens, iteration elapsed time: ([\d.]+) ms")
 BLOCK = 10  # steps: each run of BLOCK consecutive steps goes to train (7) or test (3)
 
 
@@ -81,12 +77,6 @@ async def drive(url: str, n: int, rate: float, rng: random.Random) -> None:
         await asyncio.gather(*tasks)
 
 
-def steps_from_log(text: str) -> np.ndarray:
-    """Rows (index, ctx requests, ctx tokens, gen requests, gen tokens, ms) in step order."""
-    rows = [tuple(float(g) for g in m.groups()) for m in ITERATION.finditer(text)]
-    return np.array(rows, dtype=np.float64).reshape(-1, 6)
-
-
 def errors(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
     """(MAPE, p90 absolute error in ms)."""
     rel = np.abs(pred - true) / true
@@ -94,10 +84,10 @@ def errors(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
 
 
 def predictor_accuracy(engine: VllmEngine, n: int, rate: float) -> dict[str, object]:
-    start = engine.log.stat().st_size
+    start = engine.log_size()
     asyncio.run(drive(engine.url, n, rate, random.Random(7)))
     time.sleep(1.0)
-    steps = steps_from_log(engine.log.read_text(errors="replace")[start:])
+    steps = np.array(engine.steps_since(start), dtype=np.float64).reshape(-1, 6)
     steps = steps[steps[:, 5] > 0]
     held_out = (np.arange(len(steps)) // BLOCK) % 10 >= 7
     train, test = steps[~held_out], steps[held_out]

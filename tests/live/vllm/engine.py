@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -29,6 +30,10 @@ MODEL = "tiny-llama"
 BLOCK_SIZE = 32
 HASH_SEED = "0"  # PYTHONHASHSEED: a fixed prefix-hash root, so a router can name vLLM's blocks
 READY_TIMEOUT_S = 180.0
+# one line per step with --enable-logging-iteration-details and PRESCIENT_QUIET_ITERATION_LOGS=0
+ITERATION = re.compile(
+    r"Iteration\((\d+)\): (\d+) context requests, (\d+) context tokens, (\d+) generation "
+    r"requests, (\d+) generation tokens, iteration elapsed time: ([\d.]+) ms")
 
 
 def vllm_venv() -> Path:
@@ -150,3 +155,15 @@ class VllmEngine:
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size
+
+    def steps_since(self, offset: int) -> list[tuple[float, ...]]:
+        """The steps logged after byte `offset` of the log (the engine must run with
+        PRESCIENT_QUIET_ITERATION_LOGS=0): (index, context requests, context tokens,
+        generation requests, generation tokens, model time in ms), in order."""
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        return [tuple(float(g) for g in m.groups()) for m in ITERATION.finditer(text)]
