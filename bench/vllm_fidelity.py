@@ -2,20 +2,20 @@
 
 1. **Calibrate** a preset for the tiny vLLM CPU engine (`tiny-llama-cpu`) from measured timings
    of one engine behind a gateway, as served: vLLM's own per-step model time
-   (`--enable-logging-iteration-details`) binned by scheduled tokens (the table-driven step
-   model), plus the two costs a step table does not see, measured from the client: the engine
-   loop's per-step overhead (a decode stream's token period minus the step's model time, over
-   batch sizes) and the serving path's per-request cost (an idle engine's TTFT minus its
-   prefill step: HTTP, gateway, API server). `--write-preset` stores them in
-   `src/prescient/data/steptime_tiny-llama-cpu.csv`.
+   (`--enable-logging-iteration-details`) binned by scheduled tokens, turned into step periods
+   (the table-driven step model: small steps from decode streams' token gaps, prefill-sized ones
+   from the model time plus the loop overhead a single decode shows), and the serving path's
+   per-request cost (an idle engine's TTFT minus its prefill step: HTTP, gateway, API server).
+   `--write-preset` stores them in `src/prescient/data/preset_tiny-llama-cpu.json`.
 2. **Replay** one workload, arrivals and lengths shaped like the Azure conversation trace and
-   scaled to what two tiny CPU engines serve, through a Prescient gateway on two real engines
-   (one per core), streaming, and record each request's TTFT and TPOT at the client.
-3. **Simulate** the same requests on 2 x `tiny-llama-cpu` with the same policy, and compare the
-   TTFT and TPOT distributions (p50, p90, p99; goal: medians within 5%, p99 within 15%), with a
-   CDF plot (`--plot`).
+   scaled to what the tiny CPU engines serve, through a Prescient gateway on `--engines` real
+   engines (one per core), streaming, and record each request's TTFT and TPOT at the client.
+3. **Simulate** the same requests on as many `tiny-llama-cpu` instances with the same policy,
+   and compare the TTFT and TPOT distributions (p50, p90, p99; goal: medians within 5%, p99
+   within 15%), with a CDF plot (`--plot`).
 
-    .venv/bin/python bench/vllm_fidelity.py --write-preset --plot bench/results/vllm_fidelity.png
+    .venv/bin/python bench/vllm_fidelity.py --write-preset --engines 1 --rate-scale 0.5 \
+        --requests 300 --plot bench/results/vllm_fidelity_1engine.png
 """
 
 from __future__ import annotations

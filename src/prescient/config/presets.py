@@ -20,10 +20,10 @@ Where the numbers come from (the project's research notes, `shared/reference/pap
   4 * 64 * 8192 FLOP per pair at 50% -> 2.8e-5 ms/pair; 10 us per sequence.
 
 - ``tiny-llama-cpu``: the tiny random-weight Llama of the real-vLLM tests (2 layers, hidden 128,
-  fp32, 32-token blocks, 1 GiB of KV) on vLLM 0.32 CPU, one core: measured by
-  `bench/vllm_fidelity.py --write-preset` (vLLM's per-step model time by scheduled tokens, the
-  engine loop's per-step and per-sequence overhead, and the API server's per-request cost),
-  stored in `data/preset_tiny-llama-cpu.json`.
+  fp32, 32-token blocks, 1 GiB of KV) on vLLM 0.32 CPU, one core, behind a lite gateway:
+  measured by `bench/vllm_fidelity.py --write-preset` (step periods by scheduled tokens: decode
+  token gaps for small steps, vLLM's model time plus the loop overhead for prefill-sized ones;
+  and the serving path's per-request cost), stored in `data/preset_tiny-llama-cpu.json`.
 
 KV capacity: an 80 GB GPU at 0.9 utilisation holds ~467k Llama-3-8B tokens (29,205 blocks of 16,
 BLIS); an H20's 96 GB at 0.9 leaves 20.9 GB for Qwen3-32B's KV: ~79.7k tokens (4,980 blocks).

@@ -22,6 +22,7 @@ Configuration is by environment, since vLLM passes a plugin nothing but its own 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -71,7 +72,6 @@ class PrescientStatLogger(StatLoggerBase):
         self.engine_index = engine_index
         self.cache_config = vllm_config.cache_config
         self.steps = 0
-        self.sent = 0
         self._requests = _find_request_table()
         self._encoder = msgspec.msgpack.Encoder()
         self._socket: zmq.Socket | None = None
@@ -101,11 +101,9 @@ class PrescientStatLogger(StatLoggerBase):
             requests = list(self._requests.request_states.values())
         status = engine_status(scheduler_stats, capacity=capacity, step_id=self.steps,
                                requests=requests)
-        try:
+        # no llumlet connected yet (zmq.Again): the next step's status supersedes this one
+        with contextlib.suppress(zmq.Again):
             self._socket.send(self._encoder.encode(status), zmq.NOBLOCK)
-            self.sent += 1
-        except zmq.Again:
-            pass  # no llumlet connected yet: the next step's status supersedes this one
 
     def log_engine_initialized(self) -> None:
         if self._socket is not None:

@@ -36,7 +36,8 @@ from typing import Any, Protocol
 
 
 class RequestView(Protocol):
-    """The part of vLLM's `RequestState` (v1 `output_processor.py`) read here."""
+    """The part of vLLM's `RequestState` (v1 `output_processor.py`) read here (its `stats`,
+    present when vLLM logs stats, gives the tokens generated so far)."""
 
     external_req_id: str | None
     request_id: str
@@ -49,13 +50,13 @@ def capacity_tokens(num_gpu_blocks: int | None, block_size: int | None) -> int:
     return (num_gpu_blocks or 0) * (block_size or 0)
 
 
-def generated_tokens(request: Any) -> int:
+def generated_tokens(request: RequestView) -> int:
     """Tokens a request has generated so far (0 without per-request stats)."""
     stats = getattr(request, "stats", None)
     return int(getattr(stats, "num_generation_tokens", 0) or 0)
 
 
-def request_fields(requests: Iterable[Any]) -> dict[str, Any]:
+def request_fields(requests: Iterable[RequestView]) -> dict[str, Any]:
     """The per-request status fields from the API server's request table."""
     prefilling: list[str] = []
     prefill_tokens = decodes = decode_tokens = 0
@@ -77,7 +78,7 @@ def request_fields(requests: Iterable[Any]) -> dict[str, Any]:
 
 
 def engine_status(scheduler_stats: Any, *, capacity: int, step_id: int,
-                  requests: Iterable[Any] | None = None) -> dict[str, Any]:
+                  requests: Iterable[RequestView] | None = None) -> dict[str, Any]:
     """The status one step's `SchedulerStats` describes (plus the request table, if known)."""
     s = scheduler_stats
     usage = min(max(float(s.kv_cache_usage), 0.0), 1.0)
