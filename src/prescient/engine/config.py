@@ -20,13 +20,17 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     recent_waiting_s: float = 10.0  # window of `recent_waiting_requests`, seconds
     enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING: export step-time samples
     profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS: samples exported at most
-    # Token budget per step: vLLM's fixed `max_num_batched_tokens`, or NexusSched's LENS,
-    # which aims each step at a latency rising from `lens_min_step_ms` (idle) to
-    # `lens_target_step_ms` (the TPOT SLO) as the waiting queue grows to `lens_queue_threshold`
+    # Token budget per step: vLLM's fixed `max_num_batched_tokens`, or NexusSched's LENS
+    # (engine/lens.py), which aims each step at a latency rising from `lens_min_step_ms` (idle)
+    # to `lens_target_step_ms` (the TPOT SLO) as the waiting queue grows to
+    # `lens_queue_threshold`, in chunks of at most `lens_max_chunk` tokens; a waiting request
+    # starts with at least `lens_min_start_tokens` (the paper's 15 ms, 50 ms, 5, 512, 16)
     batching: Literal["vllm", "lens"] = "vllm"
     lens_min_step_ms: float = 15.0
     lens_target_step_ms: float = 50.0
     lens_queue_threshold: int = 5
+    lens_max_chunk: int = 512
+    lens_min_start_tokens: int = 16
     queue_policy: Literal["fcfs", "spf"] = "fcfs"  # waiting order: arrival, or shortest
     # predicted output first; each second of waiting counts as this many tokens shorter
     aging_tokens_per_s: float = 100.0
@@ -43,3 +47,5 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
         lens_ok = 0 < self.lens_min_step_ms <= self.lens_target_step_ms
         if not lens_ok or self.lens_queue_threshold < 1:
             raise ValueError("LENS needs 0 < min step <= target step and a queue threshold >= 1")
+        if self.lens_max_chunk < 1 or not 1 <= self.lens_min_start_tokens <= self.lens_max_chunk:
+            raise ValueError("LENS needs 1 <= lens_min_start_tokens <= lens_max_chunk")

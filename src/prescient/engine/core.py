@@ -39,6 +39,7 @@ import msgspec
 
 from prescient.engine.config import EngineConfig
 from prescient.engine.kv_cache import BlockPool
+from prescient.engine.lens import LensStep, lens_target_s
 from prescient.engine.request import EngineRequest
 from prescient.engine.step_time import StepTimeModel
 from prescient.engine.steps import count_starts, run_time
@@ -272,6 +273,10 @@ class SimEngine:
         """Incoming requests holding reserved blocks (the migrate-in slots in use)."""
         return len(self._reserved)
 
+    def reserved_blocks(self, request_id: str) -> int:
+        """Blocks reserved here for an incoming request (0: none)."""
+        return self._reserved.get(request_id, 0)
+
     def migration_candidates(self, now: float) -> list[Candidate]:
         """Every waiting or running request as the selection sees it at `now`, in arrival
         order (sequence lengths count the steps of the run in flight that ended by `now`)."""
@@ -355,6 +360,16 @@ class SimEngine:
         blocks = self._reserved.pop(request_id, 0)
         self.pool.release([], blocks)
         return blocks
+
+    def arriving_request(self, request: Request, num_output: int, num_computed: int,
+                         now: float) -> EngineRequest:
+        """A request migrating in from another process, as `migrate_out_stop` left it there:
+        `num_output` tokens sampled, KV for `num_computed` tokens (0: it was waiting). Pass it
+        to `commit_migrate_in` once its KV is here."""
+        req = EngineRequest(request, now, self._coverage_blocks(request))
+        req.num_output = num_output
+        req.num_computed = num_computed
+        return req
 
     def commit_migrate_in(self, req: EngineRequest) -> None:
         """Between steps: `req` (from `migrate_out_stop` elsewhere) arrives with its KV.
@@ -447,12 +462,13 @@ class SimEngine:
         self._admit_arrived(step)
         self._dec_need = self._decode_need(step, 1)
         self._make_room(0, step, None)
-        budget = self._token_budget(step) - self._dec_count
+        budget = self.config.max_num_batched_tokens - self._dec_count
+        lens = self._lens_step(step) if self.config.batching == "lens" else None
         chunks: list[tuple[EngineRequest, int]] = []
-        budget = self._schedule_running_prefills(step, budget, chunks)
+        budget = self._schedule_running_prefills(step, budget, chunks, lens)
         if self.config.queue_policy == "spf" and len(self._waiting) > 1:
             self._order_waiting()
-        self._admit_waiting(now, budget, chunks)
+        self._admit_waiting(now, budget, chunks, lens)
         if chunks:
             return self._single_step_plan(now, step, chunks)
         if not self._dec_count:
@@ -461,26 +477,20 @@ class SimEngine:
             raise RuntimeError(f"{self.instance_id}: work queued but nothing schedulable")
         return self._decode_run_plan(now, step)
 
-    def _token_budget(self, step: int) -> int:
-        """Tokens this step may schedule: vLLM's fixed budget, or LENS's latency-aimed one.
+    def _lens_step(self, step: int) -> LensStep:
+        """LENS's sizing of this step (engine/lens.py), aimed by the waiting queue's length.
 
-        LENS (NexusSched, papers.md §1.3): the target step latency ramps linearly from the
-        floor to the TPOT SLO as the waiting queue fills, so steps stay short (fast decodes)
-        when nothing waits and grow (more prefill throughput) under backlog. The budget is the
-        decodes plus the prefill tokens that fit the target, priced by the step-time model;
-        this engine's LENS uses its own (exact) model, where the paper learns one online.
+        Skipping decode runs stays exact under LENS: a run is planned only when no prefill
+        chunk was scheduled, and LENS always gives a step's first chunk some tokens, so it
+        leaves nothing unscheduled that vLLM's budget would have scheduled; a decode-only step
+        is the same step whatever the batching.
         """
         cfg = self.config
-        if cfg.batching == "vllm":
-            return cfg.max_num_batched_tokens
-        span = cfg.lens_target_step_ms - cfg.lens_min_step_ms
-        fill = min(1.0, len(self._waiting) / cfg.lens_queue_threshold)
-        target_s = (cfg.lens_min_step_ms + span * fill) / 1000.0
-        kv = self._dec_a_sum + self._dec_count * step
-        decodes_only = self.model.step_time(0, 0.0, self._dec_count, kv)
-        per_token = self.model.step_time(1024, 0.0, self._dec_count, kv) - decodes_only
-        prefill = max(self._bs, int((target_s - decodes_only) * 1024 / per_token))
-        return min(cfg.max_num_batched_tokens, self._dec_count + prefill)
+        target = lens_target_s(len(self._waiting), cfg.lens_min_step_ms,
+                               cfg.lens_target_step_ms, cfg.lens_queue_threshold)
+        return LensStep(self.model, target, num_decodes=self._dec_count,
+                        decode_kv_tokens=self._dec_a_sum + self._dec_count * step,
+                        max_chunk=cfg.lens_max_chunk, min_start_tokens=cfg.lens_min_start_tokens)
 
     def _order_waiting(self) -> None:
         """Shortest predicted output first, with aging; preempted requests stay in front.
@@ -511,26 +521,36 @@ class SimEngine:
         return True
 
     def _schedule_running_prefills(
-        self, step: int, budget: int, chunks: list[tuple[EngineRequest, int]]
+        self, step: int, budget: int, chunks: list[tuple[EngineRequest, int]],
+        lens: LensStep | None,
     ) -> int:
         bs = self._bs
+        # admission order, also under LENS (whose paper takes the fewest remaining first):
+        # preemption takes the most recently admitted, which must not hold a chunk already
         for req in list(self._prefilling):
             if budget <= 0:
                 break
             if req.request_id not in self._running:
                 continue  # preempted by an earlier request of this loop
             n = min(req.num_tokens - req.num_computed, budget)
+            if lens is not None:
+                n = lens.size(req.num_computed, n, starting=False)
+                if n <= 0:
+                    break
             need = -(-(req.num_computed + n) // bs) - req.num_blocks
             if not self._make_room(need, step, req):
                 break
             self.pool.allocate(need)
             req.num_blocks += need
             chunks.append((req, n))
+            if lens is not None:
+                lens.take(req.num_computed, n)
             budget -= n
         return budget
 
     def _admit_waiting(
-        self, now: float, budget: int, chunks: list[tuple[EngineRequest, int]]
+        self, now: float, budget: int, chunks: list[tuple[EngineRequest, int]],
+        lens: LensStep | None,
     ) -> None:
         bs, pool, waiting, dec_need = self._bs, self.pool, self._waiting, self._dec_need
         while waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
@@ -539,6 +559,10 @@ class SimEngine:
             # KV present: cached blocks, or (P/D) the prompt transferred from a prefill instance
             present = max(hit * bs, self._external.get(req.request_id, 0))
             n = min(req.num_tokens - present, budget)
+            if lens is not None:
+                n = lens.size(present, n, starting=True)
+                if n <= 0:
+                    break
             need = -(-(present + n) // bs) - hit
             if need + hit_free > pool.num_free - dec_need - self._watermark_blocks:
                 break
@@ -555,6 +579,8 @@ class SimEngine:
             self._running[req.request_id] = req
             self._prefilling.append(req)
             chunks.append((req, n))
+            if lens is not None:
+                lens.take(present, n)
             budget -= n
 
     def _single_step_plan(

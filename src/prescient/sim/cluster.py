@@ -67,6 +67,10 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     enable_profiling: bool = False  # LLUMNIX_ENABLE_PROFILING
     profiling_steps: int = 50  # LLUMNIX_PROFILING_STEPS
     batching: Literal["vllm", "lens"] = "vllm"  # engine token budget per step (EngineConfig)
+    lens_min_step_ms: float = 15.0  # LENS's step target: idle...
+    lens_target_step_ms: float = 50.0  # ...and with `lens_queue_threshold` or more waiting
+    lens_queue_threshold: int = 5
+    lens_max_chunk: int = 512
     queue_policy: Literal["fcfs", "spf"] = "fcfs"  # engine waiting order (EngineConfig)
     aging_tokens_per_s: float = 100.0
 
@@ -147,6 +151,10 @@ def build_engines(instances: Sequence[InstanceSpec]) -> dict[str, SimEngine]:
                 profiling_steps=spec.profiling_steps,
                 queue_policy=spec.queue_policy,
                 batching=spec.batching,
+                lens_min_step_ms=spec.lens_min_step_ms,
+                lens_target_step_ms=spec.lens_target_step_ms,
+                lens_queue_threshold=spec.lens_queue_threshold,
+                lens_max_chunk=spec.lens_max_chunk,
                 aging_tokens_per_s=spec.aging_tokens_per_s,
             )
         except ValueError as e:

@@ -106,7 +106,9 @@ def instance_specs(scenario: Scenario) -> list[InstanceSpec]:
                 num_gpu_blocks=c.num_gpu_blocks, enable_prefix_caching=c.enable_prefix_caching,
                 enable_profiling=profiling, profiling_steps=c.profiling_steps or 2**62,
                 queue_policy=c.queue_policy, aging_tokens_per_s=c.aging_tokens_per_s,
-                batching=c.batching,
+                batching=c.batching, lens_min_step_ms=c.lens_min_step_ms,
+                lens_target_step_ms=c.lens_target_step_ms,
+                lens_queue_threshold=c.lens_queue_threshold, lens_max_chunk=c.lens_max_chunk,
             ))
     return specs
 

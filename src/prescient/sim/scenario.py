@@ -96,6 +96,10 @@ class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # engines stop after 50, which starves a predictor polled every second or slower)
     profiling_steps: int | None = None
     batching: Literal["vllm", "lens"] = "vllm"  # engines' token budget: fixed, or LENS
+    lens_min_step_ms: float = 15.0  # LENS: step target with nothing waiting, ms...
+    lens_target_step_ms: float = 50.0  # ...rising to this (the TPOT SLO) at...
+    lens_queue_threshold: int = 5  # ...this many waiting
+    lens_max_chunk: int = 512  # LENS: prefill tokens per request per step at most
     queue_policy: Literal["fcfs", "spf"] = "fcfs"  # engines' waiting order (spf: shortest
     aging_tokens_per_s: float = 100.0              # predicted output first, with aging)
     failures: tuple[FailureConfig, ...] = ()

@@ -88,6 +88,7 @@ def make_engine(settings: SimEngineSettings) -> SimEngine:
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=settings.max_model_len,
+            batching=settings.batching,
             enable_prefix_caching=settings.enable_prefix_caching,
             enable_profiling=settings.enable_profiling,
             profiling_steps=settings.profiling_steps,
