@@ -23,6 +23,9 @@ attributes of `DispatchSettings`, i.e. the scheduler flags in snake case).
   routers' load-only policies (`policy/peers.py`).
 - `sglang-cache-aware`, `sglang-lmetric`, `llm-d-prefix`, `dynamo-kv`,
   `production-stack-prefixaware`: the peers' cache-aware policies (`policy/cache_peers.py`).
+- `prism`: NexusSched's cluster layer (its `ELRARRouter`): predicted step latency + pending
+  load + step-size mode + session affinity, summed; engine states read every 200 ms, stale
+  after 3 s (`policy/prism.py`).
 
 Adding a policy is one factory function here plus one line in `POLICIES`.
 """
@@ -59,6 +62,7 @@ from prescient.policy.framework import (
 )
 from prescient.policy.metrics import LITE_METRICS, make_metric
 from prescient.policy.peers import PEER_POLICIES
+from prescient.policy.prism import PRISM_POLICIES
 from prescient.policy.selectors import (
     FixedPreferenceSelector,
     MetricSelector,
@@ -295,6 +299,7 @@ POLICIES: dict[str, PolicyFactory] = {
         "power-of-two", lambda: PowerOfTwoSelector(make_metric("num_requests", full_mode=False))),
     **PEER_POLICIES,
     **CACHE_PEER_POLICIES,
+    **PRISM_POLICIES,
 }
 
 

@@ -37,6 +37,7 @@ from prescient.sim.workload import (
 GOODPUT_ATTAINMENT = 0.9
 SIM_ONLY_POLICIES = ("oracle",)
 PROFILED_POLICIES = ("slo",)
+SAMPLE_FED_POLICIES = ("slo", "prism")  # learn from the engines' profiling samples
 
 
 def check_policies(names: Sequence[str]) -> None:
@@ -86,7 +87,8 @@ def profiling_enabled(scenario: Scenario) -> bool:
     """Engines export step samples when asked to, or when a policy needs them."""
     if scenario.cluster.enable_profiling is not None:
         return scenario.cluster.enable_profiling
-    return scenario.scheduler.enable_predictor_enhanced_scheduling or "slo" in scenario.policies
+    return (scenario.scheduler.enable_predictor_enhanced_scheduling
+            or any(p in SAMPLE_FED_POLICIES for p in scenario.policies))
 
 
 def instance_specs(scenario: Scenario) -> list[InstanceSpec]:
