@@ -205,7 +205,8 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
 
     # --- Rescheduler ---
     enable_rescheduling: Annotated[bool, Setting(
-        RESCHEDULER, "Enable migration between instances (full mode).")] = False
+        RESCHEDULER, "Enable migration between instances (full mode): `prescient scheduler` "
+        "runs rescheduling rounds and sends gRPC Migrate calls to the llumlets.")] = False
     rescheduling_policies: Annotated[tuple[ReschedulingPolicy, ...], Setting(
         RESCHEDULER, "Rescheduling policies, run in this order.",
         aliases=("--reschedule-policies",), metavar="POLICY,...")] = (
@@ -214,10 +215,12 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
         RESCHEDULER, "Time between rescheduling rounds, ms (100 suits adaptive PD).", gt=0,
         aliases=("--reschedule-interval-ms",))] = 500
     colocated_rescheduling_mode: Annotated[bool, Setting(
-        RESCHEDULER, "Run the rescheduler inside the scheduler process.",
+        RESCHEDULER, "Run the rescheduler inside the scheduler process, beside /schedule "
+        "(what --enable-rescheduling does unless --standalone-rescheduling-mode).",
         aliases=("--colocated-reschedule-mode",))] = False
     standalone_rescheduling_mode: Annotated[bool, Setting(
-        RESCHEDULER, "Run this process as a standalone rescheduler.")] = False
+        RESCHEDULER, "Run this process as a rescheduler only: no /schedule, /release, "
+        "/report; needs --enable-rescheduling.")] = False
     rescheduling_decode_load_metric: Annotated[LoadMetric, Setting(
         RESCHEDULER, "Load metric for decode instances.")] = "kv_cache_usage_ratio_projected"
     rescheduling_prefill_load_metric: Annotated[LoadMetric, Setting(

@@ -107,7 +107,7 @@ class SimEngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         ENGINE, "P/D disaggregation: a decode instance given a request with "
         "kv_transfer_params.do_remote_prefill waits for the prompt's KV (the preset's bytes "
         "per token) to cross a link this fast, GB/s (25: 200 Gb/s RDMA), instead of "
-        "prefilling it.", gt=0)] = 25.0
+        "prefilling it. Migrated requests' KV crosses the same link.", gt=0)] = 25.0
 
     # --- Llumlet ---
     enable_llumlet: Annotated[bool, Setting(
@@ -127,6 +127,10 @@ class SimEngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     cms_ttl_s: Annotated[float, Setting(
         LLUMLET, "Expiry of the CMS keys, seconds; 0: none (LLUMNIX_CMS_EXPIRED_TIME).",
         ge=0)] = 100.0
+    llumlet_port: Annotated[int, Setting(
+        LLUMLET, "Serve the llumlet's gRPC service (Migrate, MigrateIn, Abort...: live "
+        "migration; upstream's llumlet_server.proto) on this port, registered as the "
+        "metadata's llumlet_port and kvt_port; 0: no migration.", ge=0, le=65535)] = 0
     llumlet_engine_timeout_s: Annotated[float, Setting(
         LLUMLET, "Engine silence after which the llumlet pulls a status itself, seconds "
         "(LLUMNIX_ENGINE_GET_STATUS_TIMEOUT).", gt=0)] = 30.0

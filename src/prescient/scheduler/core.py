@@ -92,8 +92,9 @@ class SchedulerCore:
         self.settings = settings
         self.full_mode = settings.enable_full_mode_scheduling
         self._clock = clock
+        self.slo_model = _slo_model(settings)
         self.dispatcher = make_dispatcher(settings.scheduling_policy, settings,
-                                          random.Random(rng_seed), slo_model=_slo_model(settings))
+                                          random.Random(rng_seed), slo_model=self.slo_model)
         # the one feature that reads token ids (cache-aware) is full mode only
         self._keep_token_ids = self.full_mode and settings.enable_cache_aware_scheduling
         self._cache = (make_live_cache(settings, self.dispatcher) if self._keep_token_ids

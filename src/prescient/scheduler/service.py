@@ -42,8 +42,10 @@ from prometheus_client.registry import Collector
 from prescient.config.scheduler import SchedulerSettings
 from prescient.errors import ConfigError
 from prescient.openai_api import error_body
+from prescient.rescheduler import MigrationPlan
 from prescient.scheduler.cache_wiring import LiveKvEvents
 from prescient.scheduler.core import InvalidScheduleRequestError, SchedulerCore
+from prescient.scheduler.rescheduling import LiveRescheduler
 from prescient.scheduler.wire import (
     NoInstanceAvailableError,
     ReportItem,
@@ -95,6 +97,10 @@ class _Metrics:
         Gauge("prescient_scheduler_cms_available",
               "1 while the CMS answers its polls (always 1 in lite mode).",
               registry=self.registry).set_function(lambda: float(core.cms_available))
+        self.migrations = Counter(
+            "prescient_scheduler_rescheduling", "Migrate calls the rescheduler made, by "
+            "selection rule and order, trigger policy and outcome.",
+            ["rule", "order", "policy", "outcome"], registry=self.registry)
         live = core.live_cache
         if isinstance(live, LiveKvEvents):  # --cache-index kv-events
             Gauge("prescient_scheduler_kv_events_subscriptions",
@@ -131,12 +137,14 @@ class SchedulerService:
         self._perf_clock = perf_clock
         self.metrics = _Metrics(core)
 
-    def app(self) -> web.Application:
+    def app(self, *, scheduling: bool = True) -> web.Application:
+        """The routes; without `scheduling` (a standalone rescheduler) only the probes."""
         app = web.Application(client_max_size=MAX_BODY_BYTES,
                               middlewares=[self._errors, self._auth])
-        app.router.add_post("/schedule", self.schedule)
-        app.router.add_post("/release", self.release)
-        app.router.add_post("/report", self.report)
+        if scheduling:
+            app.router.add_post("/schedule", self.schedule)
+            app.router.add_post("/release", self.release)
+            app.router.add_post("/report", self.report)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
         return app
@@ -228,28 +236,63 @@ def build_app(core: SchedulerCore, *, service_token: str = "") -> web.Applicatio
 async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     """Start the core, listen on `--host:--port` until `stop` is set, then shut down cleanly.
 
+    With `--enable-rescheduling` (full mode) the rescheduler runs here too: beside the
+    scheduling routes (colocated, the default), or alone with only `/health` and `/metrics`
+    (`--standalone-rescheduling-mode`).
+
     Raises:
         ConfigError: a bad setting, or the port cannot be bound.
     """
     core = SchedulerCore(settings)
+    service = SchedulerService(core, service_token=settings.service_token)
     runner: web.AppRunner | None = None
+    rescheduler = _rescheduler(core, settings, service.metrics)
+    task: asyncio.Task[None] | None = None
     try:
         await core.start()
-        runner = web.AppRunner(build_app(core, service_token=settings.service_token),
-                               access_log=None, handle_signals=False)
+        standalone = rescheduler is not None and settings.standalone_rescheduling_mode
+        runner = web.AppRunner(service.app(scheduling=not standalone), access_log=None,
+                               handle_signals=False)
         await runner.setup()
         await _listen(runner, settings.host, settings.port)
+        if rescheduler is not None:
+            task = asyncio.create_task(rescheduler.run(), name="prescient-rescheduler")
         mode = "full" if core.full_mode else "lite"
-        _log.info("scheduler listening on %s:%d (%s mode, policy %s, %d instances)",
+        role = ("rescheduler" if standalone else
+                "scheduler + rescheduler" if rescheduler is not None else "scheduler")
+        _log.info("%s listening on %s:%d (%s mode, policy %s, %d instances)", role,
                   settings.host, settings.port, mode, settings.scheduling_policy,
                   len(core.instances()))
         await stop.wait()
         _log.info("scheduler shutting down")
     finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if rescheduler is not None:
+            await rescheduler.close()
         if runner is not None:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         await core.close()
+
+
+def _rescheduler(core: SchedulerCore, settings: SchedulerSettings,
+                 metrics: _Metrics) -> LiveRescheduler | None:
+    """The rescheduler `settings` ask for, or None (off, or lite mode: warned)."""
+    if not settings.enable_rescheduling:
+        if settings.standalone_rescheduling_mode:
+            raise ConfigError("--standalone-rescheduling-mode needs --enable-rescheduling")
+        return None
+    if not core.full_mode:
+        _log.warning("--enable-rescheduling needs full mode (the CMS's statuses); "
+                     "rescheduling is off")
+        return None
+
+    def count(plan: MigrationPlan, outcome: str) -> None:
+        metrics.migrations.labels(plan.rule, plan.order, plan.trigger, outcome).inc()
+
+    return LiveRescheduler(core, settings, on_outcome=count)
 
 
 async def _listen(runner: web.AppRunner, host: str, port: int) -> None:

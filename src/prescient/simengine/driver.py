@@ -13,7 +13,9 @@ BEFORE_RETURN pushes, which feed the llumlet.
 
 Aborts (a client went away) are applied between steps only: a step in flight has planned work
 for the request (`SimEngine.abort`). The request's stream ends at once; its engine work stops
-at the end of the current step.
+at the end of the current step. Migration's engine operations (`between_steps`) wait for the
+same boundary, and a request can leave with its stream (`detach`) or arrive with a stand-in for
+a stream held elsewhere (`adopt`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 from prescient.engine import EngineRequest, SimEngine
 from prescient.model import InstanceStatus, Request
@@ -33,6 +36,20 @@ logger = logging.getLogger(__name__)
 
 FINISH_LENGTH = "length"  # the request produced its max_tokens
 FINISH_ABORT = "abort"  # aborted by the client, or the engine stopped
+
+T = TypeVar("T")
+
+
+class StreamSink(Protocol):
+    """What the driver feeds a live request's progress to: a `TokenStream`, or a stand-in
+    for a stream another engine's server holds (a request that arrived by migration)."""
+
+    num_tokens: int
+    num_cached_tokens: int
+
+    def _produce(self, total: int, now: float) -> None: ...
+
+    def _finish(self, reason: str, now: float) -> None: ...
 
 
 class TokenStream:
@@ -138,8 +155,9 @@ class RealtimeEngine:
         self._start = clock()
         self._vocabulary = tuple(vocabulary)
         self._max_lag = max_lag_s * time_scale
-        self._streams: dict[str, TokenStream] = {}
+        self._streams: dict[str, StreamSink] = {}
         self._aborts: list[str] = []
+        self._ops: list[tuple[Callable[[], object], asyncio.Future[object]]] = []
         self._wake = asyncio.Event()
         self._last_arrival = 0.0
         self._idle_published = True
@@ -194,6 +212,29 @@ class RealtimeEngine:
             self._apply_aborts()
         return True
 
+    async def between_steps(self, op: Callable[[], T]) -> T:
+        """Run `op` between two engine steps (at once when none is in flight) and return what
+        it returns: the engine core changes blocks and the batch only there (migration)."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine failed: {self.error!r}")
+        if not self.engine.busy:
+            result = op()
+            self._wake.set()  # it may have added work
+            return result
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._ops.append((op, future))
+        return await future  # type: ignore[return-value]
+
+    def detach(self, request_id: str) -> StreamSink | None:
+        """Stop feeding a request's stream (the request left the engine by migration) and
+        hand it over; None when the request is not live here."""
+        return self._streams.pop(request_id, None)
+
+    def adopt(self, request_id: str, sink: StreamSink) -> None:
+        """Feed `sink` the progress of a request that arrived by migration."""
+        self._streams[request_id] = sink
+        self._wake.set()
+
     def snapshot(self) -> InstanceStatus:
         """The engine's status now."""
         return self.engine.snapshot(self.now(), int(time.time() * 1000))
@@ -215,6 +256,10 @@ class RealtimeEngine:
             for stream in self._streams.values():
                 stream._finish(FINISH_ABORT, now)
             self._streams.clear()
+            for _, future in self._ops:
+                if not future.done():
+                    future.set_exception(RuntimeError("the engine stopped"))
+            self._ops.clear()
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -223,6 +268,7 @@ class RealtimeEngine:
         next_start: float | None = None  # back-to-back start while work remains
         while True:
             self._apply_aborts()
+            self._run_ops()
             if not engine.has_work:
                 self._publish_idle()
                 next_start = None
@@ -261,6 +307,16 @@ class RealtimeEngine:
         for rid in self._aborts:
             self.engine.abort(rid, now)  # False: it finished in the step that just ended
         self._aborts.clear()
+
+    def _run_ops(self) -> None:
+        ops, self._ops = self._ops, []
+        for op, future in ops:
+            if future.done():  # its caller gave up waiting
+                continue
+            try:
+                future.set_result(op())
+            except Exception as e:
+                future.set_exception(e)
 
     def _publish_idle(self) -> None:
         if not self._idle_published:

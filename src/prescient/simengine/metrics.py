@@ -103,6 +103,10 @@ class EngineMetrics:
         self.kv_received_requests = Counter(
             "prescient:kv_transfer_received_requests", "Requests whose prompt KV arrived from "
             "a prefill instance.", names, registry=reg).labels(**labels)
+        # live migration (simengine/migration.py): requests committed on their destination
+        self._migrations = Counter(
+            "prescient:migrated_requests", "Requests migrated, by direction: out (committed "
+            "on another instance) or in (arrived here).", [*names, "direction"], registry=reg)
         cache_config = {"block_size": str(block_size), "num_gpu_blocks": str(num_gpu_blocks),
                         "enable_prefix_caching": str(enable_prefix_caching)}
         reg.register(_EngineGauges(labels, snapshot, cache_config))
@@ -119,6 +123,10 @@ class EngineMetrics:
         """A request's prompt KV (`tokens` of it) arrives from a prefill instance."""
         self.kv_received_requests.inc()
         self.kv_received_tokens.inc(tokens)
+
+    def migrated(self, direction: str) -> None:
+        """A request left ("out") or arrived ("in") by migration."""
+        self._migrations.labels(**self._labels, direction=direction).inc()
 
     def tokens(self, n: int, gap_s: float | None) -> None:
         """`n` tokens arrived, `gap_s` after the previous ones (None: the first batch)."""

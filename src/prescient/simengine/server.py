@@ -58,9 +58,11 @@ from prescient.openai_api import (
     decode_request,
     error_body,
 )
+from prescient.rescheduler.migration import MigrationSettings
 from prescient.simengine.driver import FINISH_ABORT, RealtimeEngine, TokenStream
 from prescient.simengine.kv_publisher import attach_publisher, parse_kv_events_config
 from prescient.simengine.metrics import CONTENT_TYPE, EngineMetrics
+from prescient.simengine.migration import FINISH_LOST, LiveMigration, migration_slots
 from prescient.simengine.pd import (
     prefill_answer,
     read_kv_transfer,
@@ -144,6 +146,7 @@ class SimEngineServer:
         self.kv_events = attach_publisher(self.engine, self.kv_events_config,
                                           settings.prefix_caching_hash_algo, os.environ)
         self.llumlet: Any = None  # prescient.llumlet.agent.Llumlet when --enable-llumlet
+        self.migration: LiveMigration | None = None  # with --llumlet-port
         self.created = int(time.time())
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -153,7 +156,9 @@ class SimEngineServer:
         if self.kv_events is not None:
             await self.kv_events.start()
         engine_task = asyncio.create_task(self.driver.run(), name="sim-engine")
-        own_store = llumlet_task = None
+        own_store = llumlet_task = grpc_server = watch_task = None
+        if self.settings.llumlet_port:
+            grpc_server, watch_task = await self._start_migration()
         if self.settings.enable_llumlet:
             own_store, llumlet_task = self._start_llumlet()
         try:
@@ -161,7 +166,11 @@ class SimEngineServer:
         finally:
             if self.llumlet is not None:
                 await self.llumlet.stop()  # deletes the instance's CMS keys
-            for task in (llumlet_task, engine_task):
+            if grpc_server is not None:
+                await grpc_server.stop(0)
+            if self.migration is not None:
+                await self.migration.close()
+            for task in (watch_task, llumlet_task, engine_task):
                 if task is not None:
                     task.cancel()
                     # an engine failure was logged when it happened; shutdown goes on
@@ -170,6 +179,23 @@ class SimEngineServer:
                 await own_store.close()
             if self.kv_events is not None:
                 await self.kv_events.close()
+
+    async def _start_migration(self) -> tuple[Any, asyncio.Task[None]]:
+        """Serve the llumlet's gRPC service; returns the server and the owners' watchdog."""
+        from prescient.llumlet.rpc import start_server
+
+        s = self.settings
+        self.migration = LiveMigration(
+            self.driver, s.resolved_instance_id, f"{s.advertise_host}:{s.llumlet_port}",
+            kv_bytes_per_token=self.kv_bytes_per_token, time_scale=s.time_scale,
+            settings=MigrationSettings(bandwidth_gb_s=s.kv_transfer_bandwidth_gb_s,
+                                       rpc_latency_ms=0.0, **migration_slots(os.environ)),
+            on_status=self._on_status, metrics=self.metrics)
+        try:
+            server, _ = await start_server(self.migration, s.host, s.llumlet_port)
+        except OSError as e:
+            raise ConfigError(f"--llumlet-port {s.llumlet_port}: {e}") from None
+        return server, asyncio.create_task(self.migration.watch(), name="migration-watch")
 
     def _start_llumlet(self) -> tuple[Any, asyncio.Task[None]]:
         """Start the llumlet; returns the store it made (to close), or None, and its task."""
@@ -199,6 +225,7 @@ class SimEngineServer:
             instance_id=s.resolved_instance_id, instance_type=InferType(s.instance_type),
             backend_type="prescient-sim", ip=s.advertise_host, ip_kvs=s.advertise_host,
             api_server_port=s.port, unit_id=s.resolved_instance_id,
+            llumlet_port=s.llumlet_port, kvt_port=s.llumlet_port,
             block_size=config.block_size, max_num_batched_tokens=config.max_num_batched_tokens)
 
     def _on_status(self, status: InstanceStatus) -> None:
@@ -252,8 +279,9 @@ class SimEngineServer:
                     self.settings.port, len(prompt), self.engine.config.block_size)
             return await self._collect(stream, reply, kv_answer)
         finally:
-            if stream.finish_reason is None:
-                self.driver.abort(engine_id)
+            if stream.finish_reason is None and not self.driver.abort(engine_id) and (
+                    self.migration is not None):
+                self.migration.abort_away(engine_id)  # it runs elsewhere now
             self._record_finish(stream)
 
     async def _receive_kv(self, prompt_len: int) -> None:
@@ -270,7 +298,7 @@ class SimEngineServer:
         async for batch in stream:
             last = self._record_batch(stream, not ids, len(batch), last)
             ids += batch
-        if stream.finish_reason == FINISH_ABORT:
+        if stream.finish_reason in (FINISH_ABORT, FINISH_LOST):
             raise ApiError(503, "the engine stopped before the request finished",
                            type="ServiceUnavailableError")
         body = reply.body(self.tokenizer.decode(ids), stream.finish_reason or "", len(ids))
@@ -291,12 +319,19 @@ class SimEngineServer:
                 running = reply.usage(0) if continuous else None
                 await response.write(reply.chunk("", role=True, usage=running))
             async for batch in stream:
+                if stream.finish_reason == FINISH_LOST:
+                    break
                 last = self._record_batch(stream, n == 0, len(batch), last)
                 n += len(batch)
                 reason = stream.finish_reason if stream.drained else None
                 running = reply.usage(n) if continuous else None
                 await response.write(reply.chunk(detok.push(batch), reason, running))
                 final = reason is not None
+            if stream.finish_reason == FINISH_LOST and request.transport is not None:
+                # lost in migration: break the connection, as a dead engine would, so that
+                # a gateway replays the request elsewhere
+                request.transport.close()
+                return response
             if not final:
                 await response.write(reply.chunk("", stream.finish_reason or FINISH_ABORT))
             if usage:
@@ -387,7 +422,8 @@ class SimEngineServer:
 
     def _unique_id(self, base: str) -> str:
         rid, n = base, 0
-        while self.driver.is_live(rid):
+        while self.driver.is_live(rid) or (self.migration is not None
+                                           and self.migration.is_away(rid)):
             n += 1
             rid = f"{base}+dup{n}"
         return rid

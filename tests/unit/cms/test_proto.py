@@ -33,7 +33,7 @@ def test_the_module_describes_exactly_the_proto_file(tmp_path: Path) -> None:
 
 
 def test_the_script_regenerates_the_committed_files(tmp_path: Path) -> None:
-    subprocess.run(["bash", str(SCRIPT), str(tmp_path)], check=True,
+    subprocess.run(["bash", str(SCRIPT), "cms", str(tmp_path)], check=True,
                    env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     generated = (tmp_path / "cms_pb2.py").read_text()
     committed = (PROTO_DIR / "cms_pb2.py").read_text()

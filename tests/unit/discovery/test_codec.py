@@ -92,10 +92,11 @@ def test_encode_refuses_a_port_beyond_int32() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None,
                     reason="grpcio-tools (dev extra) is not installed")
 def test_generated_module_matches_the_proto(tmp_path: Path) -> None:
-    script = ROOT / "scripts" / "gen_discovery_proto.sh"
-    subprocess.run(["bash", str(script), str(tmp_path)], check=True, capture_output=True,
+    script = ROOT / "scripts" / "gen_proto.sh"
+    subprocess.run(["bash", str(script), "discovery", str(tmp_path)], check=True,
+                   capture_output=True,
                    env={"PATH": "/usr/bin:/bin", "PYTHON": __import__("sys").executable})
     generated = ROOT / "src" / "prescient" / "discovery" / "proto"
     for name in ("discovery_pb2.py", "discovery_pb2.pyi"):
         assert filecmp.cmp(tmp_path / name, generated / name, shallow=False), (
-            f"{name} is stale: run scripts/gen_discovery_proto.sh")
+            f"{name} is stale: run scripts/gen_proto.sh discovery")
