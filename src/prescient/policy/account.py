@@ -30,6 +30,7 @@ import re
 from collections.abc import Iterable
 
 import msgspec
+import numpy as np
 
 from prescient.model import InferType
 
@@ -82,6 +83,7 @@ class AccountTotals(msgspec.Struct, frozen=True):
 
 
 _ZERO = AccountTotals()
+_NO_QUEUE = (np.zeros(0), np.zeros(0))
 
 
 class _Entry:
@@ -103,7 +105,7 @@ class _InstanceAccount:
     """Entries of one instance plus the running sums of its counted entries."""
 
     __slots__ = ("decode_tokens", "entries", "found", "num_decode", "num_prefill",
-                 "num_requests", "prefill_uncomputed_tokens")
+                 "num_requests", "prefill_queue", "prefill_uncomputed_tokens")
 
     def __init__(self) -> None:
         self.entries: dict[str, _Entry] = {}  # in dispatch order, so oldest first
@@ -113,6 +115,9 @@ class _InstanceAccount:
         self.num_requests = 0
         self.prefill_uncomputed_tokens = 0
         self.decode_tokens = 0
+        # (dispatch times, uncomputed tokens) of the counted prefill-side entries; None when a
+        # change on the prefill side made it stale
+        self.prefill_queue: tuple[np.ndarray, np.ndarray] | None = None
 
     def count_leg(self, infer_type: InferType, num_tokens: int, num_uncomputed_tokens: int,
                   sign: int) -> None:
@@ -120,6 +125,7 @@ class _InstanceAccount:
         if infer_type in _PREFILL_SIDE:
             self.num_prefill += sign
             self.prefill_uncomputed_tokens += sign * num_uncomputed_tokens
+            self.prefill_queue = None
         if infer_type in _DECODE_SIDE:
             self.num_decode += sign
             self.decode_tokens += sign * num_tokens
@@ -134,6 +140,15 @@ class _InstanceAccount:
     def totals(self) -> AccountTotals:
         return AccountTotals(self.num_prefill, self.num_decode, self.num_requests,
                              self.prefill_uncomputed_tokens, self.decode_tokens)
+
+    def inflight_prefills(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.prefill_queue is None:
+            counted = [(e.scheduled_at, e.num_uncomputed_tokens) for e in self.entries.values()
+                       if not e.found_in_cms and e.infer_type in _PREFILL_SIDE]
+            times = np.array([t for t, _ in counted], np.float64)
+            tokens = np.array([x for _, x in counted], np.float64)
+            self.prefill_queue = (times, tokens)
+        return self.prefill_queue
 
 
 class LocalAccount:
@@ -262,6 +277,18 @@ class LocalAccount:
         """The instance's in-flight totals; zeros for an instance with no account. O(1)."""
         account = self._accounts.get(instance_id)
         return _ZERO if account is None else account.totals()
+
+    def inflight_prefills(self, instance_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Dispatch times (s) and uncomputed tokens of the prefill-side legs counted on the
+        instance, in dispatch order: the prompts its last status did not show yet.
+
+        Their tokens sum to `num_uncomputed_tokens_inflight_dispatch_prefill_requests`.
+        Predictor-enhanced scheduling replays them, each from its dispatch, behind the
+        status's backlog. Cached until the instance's prefill side changes, so repeated reads
+        between two dispatches cost O(1). The arrays are shared: do not modify them.
+        """
+        account = self._accounts.get(instance_id)
+        return _NO_QUEUE if account is None else account.inflight_prefills()
 
     def waiting_uncomputed_tokens(self, instance_id: str, waiting: Iterable[str]) -> int:
         """Σ uncomputed tokens of this instance's entries whose ids are waiting (tokens).

@@ -6,11 +6,12 @@ attributes of `DispatchSettings`, i.e. the scheduler flags in snake case).
 
 - `load-balance` (full mode): per infer type, keep schedulable, fresh instances whose
   `--dispatch-*-load-metric` is under its soft threshold, drop failover domains; pick the least
-  loaded (random among the best `--dispatch-top-k`). With `--enable-cache-aware-scheduling`,
-  prefill and neutral legs of prompts of at least `--cache-aware-scheduling-min-tokens` rank
-  by `--dispatch-prefill-cache-locality-metric` first and the load metric second, under a
-  balance guard (`_cache_aware_pipeline`, `policy/cache_aware.py`; the router-history index
-  unless the caller swaps it).
+  loaded (random among the best `--dispatch-top-k`; with predictor-enhanced scheduling, equal
+  `all_prefills_tokens_num` falls through to `decode_batch_size`). With
+  `--enable-cache-aware-scheduling`, prefill and neutral legs of prompts of at least
+  `--cache-aware-scheduling-min-tokens` rank by `--dispatch-prefill-cache-locality-metric`
+  first and the load metric second, under a balance guard (`_cache_aware_pipeline`,
+  `policy/cache_aware.py`; the router-history index unless the caller swaps it).
 - `load-balance` (lite mode): the least router-local `num_requests` or `num_tokens`.
 - `flood` (full mode): schedulable, fresh, failover; stay on one instance while it can work.
 - `round-robin` (lite): cycles through instances in id order (gateway-local upstream).
@@ -217,11 +218,27 @@ def _load_balance(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
         filters = [*_health_filters(settings)] if full else []
         filters.append(MetricThreshold(metric, threshold, soft=True))
         pipelines[infer_type] = Pipeline(
-            filters, MetricSelector([metric], settings.dispatch_top_k),
+            filters, MetricSelector(_with_tie_break(settings, metric), settings.dispatch_top_k),
             [Failover(settings.failover_domain)] if full else [])
     extra = [cache] if cache is not None else []
     return _dispatcher("load-balance", pipelines, settings, rng, full=full,
                        extra_features=extra, observers=extra)
+
+
+def _with_tie_break(settings: DispatchSettings, metric: Metric) -> list[Metric]:
+    """The load metric, then `decode_batch_size` where prediction empties the prefill queues.
+
+    Predictor-enhanced scheduling replays each instance's prefill queue, local account
+    included, so every instance that has caught up reads exactly 0 `all_prefills_tokens_num`:
+    at moderate load most of them, on most dispatches. The first of equals (the lowest id)
+    would then take request after request, each adding a decode that slows its later steps
+    (bench/RESULTS.md, "Value of prediction under staleness"); among equal prefill loads the
+    fewest decodes, the account's in-flight ones included, spreads them instead.
+    """
+    tie_break = (settings.enable_full_mode_scheduling
+                 and settings.enable_predictor_enhanced_scheduling
+                 and metric.name == "all_prefills_tokens_num")
+    return [metric, make_metric("decode_batch_size")] if tie_break else [metric]
 
 
 def _flood(settings: DispatchSettings, rng: random.Random) -> Dispatcher:
@@ -280,7 +297,7 @@ def _dispatcher(name: str, pipelines: dict[InferType, Pipeline], settings: Dispa
         bank: PredictorBank | StructuralBank = PredictorBank(warmup, shared=shared)
         if settings.step_predictor == "structural":
             bank = StructuralBank(warmup, shared=shared, max_tokens=max_tokens)
-        features.append(PredictorEnhancement(bank, max_tokens))
+        features.append(PredictorEnhancement(bank, max_tokens, account))
     return Dispatcher(name, pipelines, rng, full_mode=full, local_account=account,
                       needs_cms=full, features=[*features, *extra_features], observers=observers)
 

@@ -36,6 +36,30 @@ def test_ties_go_to_the_lowest_instance_id_and_fall_through_metrics() -> None:
     assert MetricSelector([hit, PREFILLS]).select(ctx, rows) == 2  # higher hit is better
 
 
+def test_narrowing_picks_what_the_full_sort_picks() -> None:
+    class Column:
+        def __init__(self, name: str, values: np.ndarray, lower: bool) -> None:
+            self.name, self.values, self.lower_is_better = name, values, lower
+
+        def compute(self, ctx: object) -> np.ndarray:
+            return self.values
+
+    rng = np.random.default_rng(3)
+    state = cluster([0] * 40)
+    for trial in range(300):
+        cols = [rng.integers(0, 3, 40).astype(float) for _ in range(3)]
+        for col in cols:
+            col[rng.random(40) < 0.2] = rng.choice([np.nan, np.inf, -np.inf])
+        metrics = [Column(f"m{trial}-{k}", col, lower=bool(k % 2 == 0))
+                   for k, col in enumerate(cols)]
+        rows = np.flatnonzero(rng.random(40) < 0.7)
+        if not len(rows):
+            continue
+        keys = [c.values[rows] if c.lower_is_better else -c.values[rows] for c in metrics]
+        expected = int(rows[np.lexsort([np.arange(len(rows)), *reversed(keys)])[0]])
+        assert MetricSelector(metrics).select(ctx_for(state), rows) == expected
+
+
 def test_top_k_picks_only_among_the_k_best_and_is_seeded() -> None:
     state = cluster([10, 1, 2, 30, 3])
     rows = np.arange(5)

@@ -9,6 +9,7 @@ from prescient.cms.view import ProfilingSample
 from prescient.config.scheduler import SchedulerSettings
 from prescient.model import InferType, InstanceMetadata, InstanceStatus, Request
 from prescient.policy import make_dispatcher
+from prescient.policy.account import LocalAccount
 from prescient.policy.framework import SchedulingContext
 from prescient.policy.metrics import make_metric
 from prescient.policy.state import ClusterState
@@ -85,3 +86,92 @@ def test_per_instance_predictors_keep_one_bank_entry_per_instance() -> None:
     assert not bank.shared
     on = msgspec.structs.replace(per, per_instance_predictors=False)
     assert make_dispatcher("load-balance", on, random.Random(0)).features[0].bank.shared
+
+
+def with_account(backlog: int, dispatches: list[tuple[str, int, float]]
+                 ) -> tuple[PredictorEnhancement, ClusterState, LocalAccount]:
+    """One neutral instance, status stamped at 0 with `backlog` waiting tokens, a fitted
+    linear predictor (10 ms + 0.01 ms/token), and the (id, tokens, dispatch s) counted."""
+    account = LocalAccount()
+    for rid, tokens, at in dispatches:
+        account.add(rid, "i0", InferType.NEUTRAL, tokens, tokens, at)
+    st = ClusterState([InstanceMetadata(instance_id="i0")])
+    st.set_status(0, InstanceStatus(instance_id="i0", timestamp_ms=0, update_id=1,
+                                    num_uncomputed_tokens_all_waiting_prefills=backlog,
+                                    num_total_gpu_tokens=100_000))
+    st.set_account(0, msgspec.structs.astuple(account.totals("i0")))
+    feature = PredictorEnhancement(PredictorBank(20, shared=True), 8192, account)
+    feature.on_statuses(st, linear_samples("i0"), 0.0)
+    return feature, st, account
+
+
+def predicted_and_load(feature: PredictorEnhancement, st: ClusterState, now: float
+                       ) -> tuple[float, float]:
+    ctx = SchedulingContext(Request(request_id="x", prompt_len=10), st, now, random.Random(0))
+    feature.prepare(ctx)
+    return ctx.predicted_computed_tokens[0], make_metric("all_prefills_tokens_num").compute(ctx)[0]
+
+
+def test_dispatched_prompts_are_replayed_behind_the_backlog_from_their_dispatch() -> None:
+    # backlog 1000 tokens: 0-20 ms; the 2000-token prompt dispatched at 30 ms: 30-60 ms
+    feature, st, _ = with_account(1000, [("r1", 2000, 0.030)])
+    assert predicted_and_load(feature, st, 0.025) == (1000, 2000)  # before its dispatch
+    assert predicted_and_load(feature, st, 0.030) == (1000, 2000)  # dispatched just now
+    # 10 of its 30 ms; replaying the status alone would leave the load at 2000, and a lump
+    # of 3000 tokens queued at the status (upstream) would be done by now (load 0)
+    assert predicted_and_load(feature, st, 0.040) == (1000 + 667, 1333)
+    assert predicted_and_load(feature, st, 10.0) == (3000, 0)  # all of it, never more
+
+
+def test_a_prompt_queued_before_the_status_counts_from_the_status_on() -> None:
+    # in flight since -10 ms yet not in the status: 3000 tokens share one 40 ms step
+    feature, st, _ = with_account(1000, [("r1", 2000, -0.010)])
+    assert predicted_and_load(feature, st, 0.020) == (1500, 1500)
+
+
+def test_a_reconciled_prompt_leaves_the_replay_with_the_account() -> None:
+    feature, st, account = with_account(1000, [("r1", 2000, 0.005), ("r2", 500, 0.010)])
+    # r1 shows up as waiting in the next status; only r2 stays in flight
+    account.reconcile("i0", ["r1"], ["r1"], 0.050)
+    st.set_account(0, msgspec.structs.astuple(account.totals("i0")))
+    times, tokens = account.inflight_prefills("i0")
+    assert times.tolist() == [0.010] and tokens.tolist() == [500]
+    # 1000 at 0 ms then 500 from 20 ms: 0-20 ms and 20-35 ms
+    assert predicted_and_load(feature, st, 0.035) == (1500, 0)
+
+
+def test_load_balance_picks_on_the_replayed_account() -> None:
+    on = msgspec.structs.replace(SchedulerSettings(), enable_predictor_enhanced_scheduling=True)
+    dispatcher = make_dispatcher("load-balance", on, random.Random(0))
+    dispatcher.on_instances({i: InstanceMetadata(instance_id=i) for i in ("i0", "i1")}, 0.0)
+    dispatcher.features[0].on_statuses(dispatcher.state, linear_samples("i0"), 0.0)
+    dispatcher.on_statuses({
+        "i0": InstanceStatus(instance_id="i0", timestamp_ms=0, update_id=1,
+                             num_total_gpu_tokens=100_000),
+        "i1": InstanceStatus(instance_id="i1", timestamp_ms=0, update_id=1,
+                             num_uncomputed_tokens_all_waiting_prefills=6000,
+                             num_total_gpu_tokens=100_000)}, 0.0)
+    first = dispatcher.schedule(Request(request_id="r1", prompt_len=2000), 0.030)
+    assert first.instance_id == "i0"  # empty vs 6000 tokens (70 ms), 30 ms in
+    # at 50 ms i0 has 667 of r1 left (30 ms step from 30 ms), i1 1714 of its 6000; counting
+    # r1 whole (2000), as without the account's replay, would send r2 to i1
+    second = dispatcher.schedule(Request(request_id="r2", prompt_len=100), 0.050)
+    assert second.instance_id == "i0"
+
+
+def test_equal_prefill_loads_fall_through_to_decodes_with_prediction_only() -> None:
+    statuses = {i: InstanceStatus(instance_id=i, timestamp_ms=0, update_id=1,
+                                  scheduler_running_to_decode_requests_num=d,
+                                  num_total_gpu_tokens=100_000)
+                for i, d in (("i0", 30), ("i1", 5), ("i2", 12))}
+    picks = {}
+    for predict in (False, True):
+        settings = msgspec.structs.replace(SchedulerSettings(),
+                                           enable_predictor_enhanced_scheduling=predict)
+        dispatcher = make_dispatcher("load-balance", settings, random.Random(0))
+        dispatcher.on_instances({i: InstanceMetadata(instance_id=i) for i in statuses}, 0.0)
+        dispatcher.on_statuses(statuses, 0.0)
+        picks[predict] = dispatcher.schedule(Request(request_id="r", prompt_len=100),
+                                             0.010).instance_id
+    # every queue is empty: the lowest id without prediction, the fewest decodes with it
+    assert picks == {False: "i0", True: "i1"}

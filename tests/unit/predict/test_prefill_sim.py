@@ -119,3 +119,86 @@ def test_vectorised_equals_scalar_on_random_cases() -> None:
     assert vec.tolist() == ref
     assert (vec > 0).sum() > n // 4  # the cases exercise the simulation, not just its exits
     assert (vec <= np.maximum(u, 0)).all()
+
+
+def queued(elapsed: float, u: float, ur: float, arrivals: list[tuple[float, float]],
+           coef: tuple[float, float, float] = LINEAR, max_b: float = 1000) -> int:
+    """`one` with arrivals (ms after the status, tokens): both implementations must agree."""
+    at = np.array([[t for t, _ in arrivals] + [math.inf]])
+    tokens = np.array([[x for _, x in arrivals] + [0.0]])
+    vec = predict_computed_prefill_tokens([elapsed], [u], [ur], [coef[0]], [coef[1]],
+                                          [coef[2]], max_b, arrival_ms=at, arrival_tokens=tokens)
+    scalar = _predict_one(elapsed, u, ur, *coef, max_b, arrivals=arrivals)
+    assert int(vec[0]) == scalar
+    return scalar
+
+
+@pytest.mark.parametrize(("elapsed", "u", "ur", "arrivals", "expected", "why"), [
+    # the backlog (1000: 0-15 ms) goes first; the prompt dispatched at 20 ms runs 20-35 ms
+    (40.0, 1000, 0, [(20.0, 1000)], 2000, "both done"),
+    (30.0, 1000, 0, [(20.0, 1000)], 1000 + round(1000 * 10 / 15), "10 of its 15 ms"),
+    (18.0, 1000, 0, [(20.0, 1000)], 1000, "not dispatched yet: only the backlog"),
+    # arrivals during a step wait for the next step, then share it: 200 (0-7), 700 (7-19)
+    (20.0, 200, 0, [(3.0, 300), (4.0, 400)], 900, "two arrivals batched together"),
+    (13.0, 200, 0, [(3.0, 300), (4.0, 400)], 200 + 350, "6 of the 12 ms step"),
+    # a full backlog keeps the arrival waiting: 1000 (0-15), 1000 (15-30), then its 500
+    (30.0, 2000, 0, [(1.0, 500)], 2000, "queued behind the backlog"),
+    (35.0, 2000, 0, [(1.0, 500)], 2000 + 250, "its own step, 30-40 ms, half done"),
+    # the running chunk goes first even though more has arrived: 400 (0-9), 1000 (9-24)
+    (20.0, 400, 400, [(0.0, 1000)], 400 + round(1000 * 11 / 15), "partial chunk first"),
+    (-5.0, 0, 0, [(-50.0, 1000)], 0, "no time elapsed"),
+    (15.0, 0, 0, [(-50.0, 1000)], 1000, "dispatched before the status: there at once"),
+    (15.0, 0, 0, [(15.0, 1000)], 0, "dispatched just now"),
+    (25.0, 0, 0, [(10.0, 1000)], 1000, "idle until it arrives, 10-25 ms"),
+    (17.5, 0, 0, [(10.0, 1000)], 500, "idle, then half a step"),
+    (25.0, 0, 0, [(5.0, 0), (10.0, 1000)], 1000, "a fully cached prompt costs nothing"),
+    (1e6, 300, 0, [(0.0, 100), (50.0, 200)], 600, "never more than exists"),
+    (1e6, -10, 0, [(0.0, 100)], 100, "a negative backlog does not eat the arrivals"),
+])
+def test_arrivals_queue_behind_the_backlog(elapsed: float, u: float, ur: float,
+                                           arrivals: list[tuple[float, float]], expected: int,
+                                           why: str) -> None:
+    assert queued(elapsed, u, ur, arrivals) == expected, why
+
+
+def test_without_arrivals_upstream_lump_credits_the_new_prompt_from_the_status() -> None:
+    # what the arrival times change: the same 2000 tokens as one lump are all done by 30 ms
+    assert one(30.0, 2000, 0, LINEAR) == 2000
+    assert queued(30.0, 1000, 0, [(20.0, 1000)]) < 2000
+
+
+def test_arrival_shapes_must_match() -> None:
+    with pytest.raises(ValueError, match="arrival"):
+        predict_computed_prefill_tokens([10.0], [100], [0], 0.0, 0.0, 1.0, 8,
+                                        arrival_ms=[[1.0]])
+    with pytest.raises(ValueError, match="arrival"):
+        predict_computed_prefill_tokens([10.0], [100], [0], 0.0, 0.0, 1.0, 8,
+                                        arrival_ms=[[1.0]], arrival_tokens=[[1.0, 2.0]])
+
+
+def test_vectorised_equals_scalar_with_arrivals() -> None:
+    rng = np.random.default_rng(7)
+    n, m = 400, 12
+    elapsed = rng.uniform(-20, 1200, n)
+    u = np.where(rng.random(n) < 0.3, 0, rng.integers(-100, 20_000, n)).astype(float)
+    ur = np.where(rng.random(n) < 0.4, rng.integers(0, 9_000, n), 0).astype(float)
+    a = np.where(rng.random(n) < 0.7, rng.uniform(0, 1e-6, n), 0.0)
+    b = rng.uniform(0.0, 0.03, n)
+    c = rng.uniform(-1.0, 20.0, n)
+    a[rng.random(n) < 0.05] = np.nan
+    max_b = rng.choice([256.0, 2048.0, 8192.0], n)
+    counts = rng.integers(0, m + 1, n)
+    at = np.sort(rng.uniform(-100, 1300, (n, m)), axis=1)
+    tokens = np.where(rng.random((n, m)) < 0.1, 0, rng.integers(1, 6_000, (n, m))).astype(float)
+    pad = np.arange(m)[None, :] >= counts[:, None]
+    at[pad], tokens[pad] = np.inf, 0.0
+    vec = predict_computed_prefill_tokens(elapsed, u, ur, a, b, c, max_b, arrival_ms=at,
+                                          arrival_tokens=tokens)
+    ref = [_predict_one(elapsed[i], u[i], ur[i], a[i], b[i], c[i], max_b[i],
+                        arrivals=list(zip(at[i, :counts[i]], tokens[i, :counts[i]],
+                                          strict=True)))
+           for i in range(n)]
+    assert vec.tolist() == ref
+    with_arrivals = counts > 0
+    assert (vec[with_arrivals] > np.maximum(u[with_arrivals], 0)).sum() > n // 8
+    assert (vec <= np.maximum(u, 0) + tokens.sum(axis=1)).all()
