@@ -37,6 +37,10 @@ class Tokenizer(Protocol):
         """Token ids of `text`; `add_special_tokens=False` for an already templated chat."""
         ...
 
+    def count(self, text: str, *, add_special_tokens: bool = True) -> int:
+        """`len(encode(text))`, without building the ids where that is cheaper."""
+        ...
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens skipped."""
         ...
@@ -161,6 +165,12 @@ class ApproxTokenizer:
                 out.extend(self._id(part) for part in self._cut(piece))
         return out
 
+    def count(self, text: str, *, add_special_tokens: bool = True) -> int:
+        # a known piece is one token, an unknown one its 6-character parts (`_cut`)
+        known = self._ids
+        return sum(1 if p in known or len(p) <= 8 else -(-len(p) // 6)
+                   for p in self._SPLIT.findall(text))
+
     def decode(self, ids: Sequence[int]) -> str:
         pieces, n = self._pieces, len(self._pieces)
         return "".join(pieces[i] if 3 <= i < n else f" <{i}>" if i >= n else "" for i in ids)
@@ -226,6 +236,9 @@ class HfTokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def count(self, text: str, *, add_special_tokens: bool = True) -> int:
+        return len(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))

@@ -80,7 +80,9 @@ class Gateway:
                                staged=settings.separate_pd_scheduling)
                    if settings.pd_disagg_protocol else None)
         self._served = frozenset(settings.served_model_name)
-        self._forward_tokens = settings.forward_tokens
+        # token ids only where a scheduler reads them (an embedded one says; a remote may)
+        self._forward_tokens = (settings.forward_tokens and scheduler is not None
+                                and getattr(scheduler, "wants_token_ids", True))
         self._max_model_len = settings.max_model_len
         self.router = self._routes()
 
@@ -137,21 +139,22 @@ class Gateway:
             if len(request.body) < OFFLOAD_BODY_BYTES:
                 parsed = parse_request(request.body, kind, self.tokenizer,
                                        served_models=self._served,
-                                       max_model_len=self._max_model_len)
+                                       max_model_len=self._max_model_len,
+                                       want_ids=self._forward_tokens)
             else:  # a long prompt: tokenize off the event loop, other streams keep flowing
                 parsed = await asyncio.to_thread(
                     parse_request, request.body, kind, self.tokenizer,
-                    served_models=self._served, max_model_len=self._max_model_len)
+                    served_models=self._served, max_model_len=self._max_model_len,
+                    want_ids=self._forward_tokens)
         except ApiError as e:
             metrics.error("bad_request")
             response.send(e.status, e.body())
             metrics.request_done(kind, e.status)
             return
-        ids = parsed.prompt_ids
         schedule = ScheduleRequest(
             id=request.headers.get("x-request-id") or os.urandom(16).hex(), model=parsed.model,
-            gateway_id=self.gateway_id, prompt_num_tokens=len(ids),
-            prompt_token_ids=ids if self._forward_tokens else None)
+            gateway_id=self.gateway_id, prompt_num_tokens=parsed.num_prompt_tokens,
+            prompt_token_ids=parsed.prompt_ids)
         metrics.in_flight += 1
         try:
             forwarder = self.pd if self.pd is not None else self.proxy

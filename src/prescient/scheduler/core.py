@@ -168,6 +168,12 @@ class SchedulerCore:
             self._resolver, self._owns_resolver, self._subscribed = None, False, False
 
     @property
+    def wants_token_ids(self) -> bool:
+        """Whether `schedule` reads `prompt_token_ids` (cache-aware full mode): the gateway
+        skips building them otherwise."""
+        return self._keep_token_ids
+
+    @property
     def live_cache(self) -> LiveKvEvents | LiveMooncake | None:
         """The live cache-aware index (`--cache-index kv-events` / `mooncake`), if any."""
         return self._cache

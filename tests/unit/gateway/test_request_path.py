@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from prescient.gateway.metrics import GatewayMetrics, Histogram
@@ -70,3 +72,18 @@ def test_metrics_render_as_prometheus_text() -> None:
     assert 'prescient_gateway_requests_total{kind="chat",status="200"} 2.0' in text
     assert 'prescient_gateway_errors_total{kind="upstream_connect"} 1.0' in text
     assert 'prescient_gateway_ttft_seconds_bucket{le="0.025"} 1.0' in text
+
+
+def test_counting_without_ids_gives_the_encoded_length() -> None:
+    texts = ["hello world", "Supercalifragilisticexpialidocious, 42 times!\n\n ok",
+             " zzzzzzzzzzzzzzzzzzzzzzzzz qq", ""]
+    for text in texts:
+        assert TOK.count(text) == len(TOK.encode(text)), text
+    body = json.dumps({"model": "m", "prompt": [texts[0], texts[2], texts[1]]}).encode()
+    with_ids = parse_request(body, "completion", TOK)
+    counted = parse_request(body, "completion", TOK, want_ids=False)
+    assert counted.prompt_ids is None and with_ids.prompt_ids is not None
+    assert counted.num_prompt_tokens == with_ids.num_prompt_tokens == len(with_ids.prompt_ids)
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": texts[1]}]})
+    assert (parse_request(chat.encode(), "chat", TOK, want_ids=False).num_prompt_tokens
+            == len(parse_request(chat.encode(), "chat", TOK).prompt_ids or []))
