@@ -59,6 +59,7 @@ LATENCY_CLIP = 5.0  # predicted latency / SLO is clipped here before 1 - x
 LATENCY_MODE_TOKENS = 256  # the agent's mode heuristic: fewer tokens a step...
 THROUGHPUT_MODE_TOKENS = 1024  # ...more tokens a step
 QPS_WINDOW_S = 60.0  # the fallback's request-rate window
+SESSION_CLEAN_EVERY = 64  # VLLM_ELRAR_SESSION_CLEAN_EVERY: forget expired sessions this often
 
 
 def latency_score(pred_ms: np.ndarray, slo_ms: float) -> np.ndarray:
@@ -93,6 +94,7 @@ class PrismRouter:
         self._local_pending: dict[str, int] = {}
         self._sessions: dict[str, tuple[str, float]] = {}  # session -> (instance, time)
         self._sent: deque[tuple[float, str]] = deque()
+        self._num_placed = 0
         self._terms: dict[str, tuple[tuple[float, int, int], tuple[float, float, float]]] = {}
 
     # ---- feature and observer hooks ----------------------------------------------------------
@@ -117,6 +119,10 @@ class PrismRouter:
         if request.session_id:
             self._sessions[request.session_id] = (instance_id, now)
         self._sent.append((now, instance_id))
+        self._num_placed += 1
+        if self._num_placed % SESSION_CLEAN_EVERY == 0:  # the authors' amortised clean-up
+            horizon = now - KV_AFFINITY_WINDOW_S
+            self._sessions = {k: v for k, v in self._sessions.items() if v[1] >= horizon}
         while self._sent[0][0] < now - QPS_WINDOW_S:
             self._sent.popleft()
 

@@ -90,6 +90,9 @@ def test_a_session_sticks_to_its_last_engine_for_300_seconds() -> None:
     assert router.select(ctx_for(state, req(session="s"), now=2.0), np.arange(2)) == 1
     assert router.select(ctx_for(state, req(session="t"), now=2.0), np.arange(2)) == 0
     assert router.select(ctx_for(state, req(session="s"), now=301.5), np.arange(2)) == 0
+    for k in range(64):  # the table forgets expired sessions every 64 placements
+        router.on_placed(req(rid=f"x{k}", session="u"), "i0", state, 302.0)
+    assert set(router._sessions) == {"u"}
 
 
 def test_stale_states_are_not_scored_and_none_fresh_falls_back_to_the_fewest_sent() -> None:
