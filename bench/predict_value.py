@@ -23,7 +23,9 @@ does) whenever the predictor or the slo policy is on.
       dispatch, for every prefill-capable instance with a status, the prediction
       `ctx.predicted_computed_tokens` is compared with the truth: the status's uncomputed prefill
       tokens (waiting + running) minus what the requests the status covered still have to
-      compute now. Which requests a status covered is recorded when the simulator captures it
+      compute now, plus the local account's in-flight prefill tokens minus what the requests
+      after the status still have to compute (at least 0: the account's prompts not yet at
+      the engine). Which requests a status covered is recorded when the simulator captures it
       (`ClusterSim._capture` wrapped: the engine's running prefills and the first
       `num_waiting` waiting requests, exactly the lists `SimEngine.snapshot` sums), so the
       truth is exact, not approximated from `outstanding_tokens`. "Committed" truth counts
@@ -230,9 +232,9 @@ def covered_ids(engine: SimEngine) -> frozenset[str]:
 def remaining_of(engine: SimEngine, ids: frozenset[str], now: float
                  ) -> tuple[int, float, int]:
     """What the requests `ids` still have to prefill now, counted as a status counts them
-    (waiting requests less their prefix-cache hit); the share of the step in flight that
-    belongs to them (their chunks x the elapsed fraction of the step); and what every other
-    request on the engine (those dispatched after the status) still has to prefill."""
+    (waiting requests less their prefix-cache hit); the elapsed share of the step in flight
+    (its chunks x the elapsed fraction of the step); and what every other request on the
+    engine (those dispatched after the status) still has to prefill."""
     bs = engine.config.block_size
     left = other = 0
     for r in engine._prefilling:
@@ -249,7 +251,7 @@ def remaining_of(engine: SimEngine, ids: frozenset[str], now: float
     plan, in_flight = engine._plan, 0.0
     if plan is not None and plan.chunks and plan.end > plan.start:
         share = min(1.0, max(0.0, (now - plan.start) / (plan.end - plan.start)))
-        in_flight = share * sum(n for r, n in plan.chunks if r.request_id in ids)
+        in_flight = share * sum(n for _, n in plan.chunks)
     return left, in_flight, other
 
 
@@ -307,7 +309,10 @@ class PrefillProbe:
             iid = st.ids[row]
             ids = self.covered[(iid, int(status_ts[row]))]
             left, in_flight, other = remaining_of(self.sim.engines[iid], ids, ctx.now)
-            committed = float(uncomputed[row]) - left
+            # the prediction covers the status's backlog and the local account's in-flight
+            # prompts (those dispatched after the status); the account's requests that have
+            # reached the engine still have `other` to compute
+            committed = float(uncomputed[row]) - left + max(0.0, float(account[row]) - other)
             true_total[i] = left + other
             metric = float(uncomputed[row] + account[row] - predicted[row])
             self.rows.append((rid, ctx.now * 1e3 - float(status_ts[row]), float(predicted[row]),
