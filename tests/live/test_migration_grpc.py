@@ -110,6 +110,8 @@ async def _test_a_request_migrated_mid_stream_arrives_whole_and_identical() -> N
         assert mb[("prescient:migrated_requests_total", (("direction", "in"),))] == 1
         # B decoded the rest (its engine counted no prefill), A holds nothing any more
         assert a.migration is not None and not a.migration._away
+        assert b.migration is not None
+        await until(lambda: not b.migration._forwarded)  # B forgets it once finished
         assert b.driver.num_live == 0 and a.driver.num_live == 0
         assert b.engine.snapshot(b.driver.now(), 0).num_running_requests == 0
     await llumlets.close()
@@ -211,4 +213,28 @@ async def _test_a_stream_whose_new_engine_dies_is_cut(tmp_path: Path) -> None:
             with pytest.raises(openai.APIError):  # the connection breaks: no clean finish
                 await stream_text(client, "req-4", 5000, migrate_then_kill)
             assert not a.migration._away
+    await llumlets.close()
+
+
+def test_a_destination_without_room_leaves_the_request_where_it_was() -> None:
+    asyncio.run(_test_a_destination_without_room_leaves_the_request_where_it_was())
+
+
+async def _test_a_destination_without_room_leaves_the_request_where_it_was() -> None:
+    llumlets = LlumletClient()
+    async with (engine("a") as (base_a, addr_a, a), engine("b", num_gpu_blocks=4) as (_, addr_b, b),
+                oai(base_a) as client):
+        reference, _, _ = await stream_text(client, "req-5", 300)
+        tried: list[pb.MigrateResponse] = []
+
+        async def migrate_once(n: int) -> None:
+            if n == 40 and not tried:
+                tried.append(await llumlets.migrate(addr_a, migrate_to("b", addr_b)))
+
+        text, reason, usage = await stream_text(client, "req-5", 300, migrate_once)
+        assert tried and tried[0].success  # the command was taken; the move was abandoned
+        assert (text, reason, usage) == (reference, "length", 300)
+        assert a.migration is not None and a.migration.num_migrated_out == 0
+        assert a.engine.num_migrating_out == 0  # its slot is free again
+        assert b.engine.num_migrating_in == 0 and b.driver.num_live == 0  # nothing left reserved
     await llumlets.close()

@@ -139,11 +139,13 @@ class _Forwarded:
                 log.warning("stream holder %s of %s unreachable (%s): aborting it",
                             self.holder, rid, e)
                 self.migration.driver.abort(rid)
+                self.migration._forwarded.pop(rid, None)
                 return
             if not answer.known:  # the client went away meanwhile
                 self.migration.driver.abort(rid)
                 return
             if reason:
+                self.migration._forwarded.pop(rid, None)
                 return
 
 
@@ -212,7 +214,12 @@ class LiveMigration:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        """Stop migrations in flight and forwarding; close the channels."""
+        """Stop migrations in flight and forwarding; close the channels. Streams running
+        elsewhere end as lost: nothing will report them here any more."""
+        now = self.driver.now()
+        for away in self._away.values():
+            away.stream._finish(FINISH_LOST, now)
+        self._away.clear()
         tasks = list(self._tasks) + [f.task for f in self._forwarded.values()]
         for task in tasks:
             task.cancel()
@@ -403,7 +410,8 @@ class LiveMigration:
                                           self.driver.now())
             try:
                 engine.commit_migrate_in(req)
-            except ValueError as e:
+            except ValueError as e:  # e.g. a request with its id runs here already
+                engine.release_migrate_in(rid)
                 return str(e)
             self._forwarded[rid] = sink = _Forwarded(self, rid, order.num_output, order.holder)
             self.driver.adopt(rid, sink)
