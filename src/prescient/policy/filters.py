@@ -22,6 +22,8 @@ Single-instance filters return a keep-mask over rows; global filters see the who
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from prescient.errors import ConfigError
@@ -51,6 +53,7 @@ class Schedulable:
     """Keeps schedulable instances; the others need failover."""
 
     soft = False
+    static = True
 
     def keep(self, ctx: SchedulingContext) -> np.ndarray:
         ok = ctx.state.schedulable
@@ -62,6 +65,7 @@ class Fresh:
     """Keeps instances whose status is recent enough; stale ones need failover."""
 
     soft = False
+    static = True
 
     def __init__(self, staleness_s: float) -> None:
         self.staleness_s = staleness_s
@@ -72,11 +76,19 @@ class Fresh:
         ctx.needs_failover |= ~ok & ctx.state.has_status
         return ok
 
+    def valid_until(self, ctx: SchedulingContext) -> float:
+        """When the first instance fresh at `ctx.now` turns stale (a new status is a new
+        state version anyway)."""
+        stamps_s = ctx.state.s("timestamp_ms") / 1000.0
+        fresh = stamps_s[(ctx.now - stamps_s) <= self.staleness_s]
+        return float(fresh.min()) + self.staleness_s if len(fresh) else math.inf
+
 
 class OfInferType:
     """Keeps instances of one infer type."""
 
     soft = False
+    static = True
 
     def __init__(self, infer_type: InferType) -> None:
         self.code = INFER_CODES[infer_type]
@@ -89,6 +101,7 @@ class Failover:
     """Drops the failure domains of candidates that need failover."""
 
     soft = False
+    static = True  # only removes rows, by domains of the static filters' failover marks
 
     def __init__(self, domain: str) -> None:
         if domain not in FAILOVER_DOMAINS:

@@ -16,9 +16,10 @@ Each plugin kind is a one-method protocol; `docs/policies.md` shows how to add o
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -74,7 +75,12 @@ class Metric(Protocol):
 
 
 class Filter(Protocol):
-    """A keep-mask over instance rows. Soft filters are skipped in the fallback pass."""
+    """A keep-mask over instance rows. Soft filters are skipped in the fallback pass.
+
+    A filter may declare `static = True`: its mask (and the failover marks it sets) depend only
+    on the instances' metadata and statuses, and on the clock no sooner than its optional
+    `valid_until(ctx)` (seconds; absent: never). See `Pipeline` for what that buys.
+    """
 
     soft: bool
 
@@ -82,7 +88,11 @@ class Filter(Protocol):
 
 
 class GlobalFilter(Protocol):
-    """Looks at the whole candidate set at once (e.g. failover domains)."""
+    """Looks at the whole candidate set at once (e.g. failover domains).
+
+    `static = True` here also promises `apply(ctx, keep) == keep & apply(ctx, all rows)`: it
+    only removes rows, and which ones does not depend on `keep`.
+    """
 
     soft: bool
 
@@ -115,10 +125,23 @@ class PlacementObserver(Protocol):
                   ) -> None: ...
 
 
-class Pipeline:
-    """Filters, then global filters, then a selector, for one infer type."""
+class _StaticMask(NamedTuple):
+    keep: np.ndarray
+    needs_failover: np.ndarray
+    valid_until: float
 
-    __slots__ = ("filters", "global_filters", "selector")
+
+class Pipeline:
+    """Filters, then global filters, then a selector, for one infer type.
+
+    When every global filter is static, the static filters' part of a pass (health, infer type,
+    failover domains: most of its numpy work) is computed once per state version and kept
+    until the clock passes the earliest `valid_until`; only the request-dependent filters
+    (metric thresholds) run on every call. The result is the same mask either way.
+    """
+
+    __slots__ = ("_dynamic", "_masks", "_static", "_static_version", "filters",
+                 "global_filters", "selector")
 
     def __init__(
         self,
@@ -129,6 +152,11 @@ class Pipeline:
         self.filters = tuple(filters)
         self.global_filters = tuple(global_filters)
         self.selector = selector
+        cacheable = all(getattr(g, "static", False) for g in self.global_filters)
+        self._static = tuple(f for f in self.filters if cacheable and getattr(f, "static", False))
+        self._dynamic = tuple(f for f in self.filters if f not in self._static)
+        self._masks: dict[tuple[bool, bytes], _StaticMask] = {}
+        self._static_version = -1
 
     @property
     def has_soft_filters(self) -> bool:
@@ -147,12 +175,43 @@ class Pipeline:
         """One filter pass over `candidates`; the fallback pass skips soft filters."""
         ctx.candidates = candidates
         ctx.fallback = fallback
-        ctx.needs_failover[:] = False
-        keep = candidates.copy()
-        for f in self.filters:
+        if not self._static:
+            ctx.needs_failover[:] = False
+            keep = candidates.copy()
+            self._run(ctx, keep, self.filters, fallback)
+            for g in self.global_filters:
+                if not (fallback and g.soft):
+                    keep = g.apply(ctx, keep)
+            return keep
+        keep = self._static_mask(ctx, candidates, fallback)
+        self._run(ctx, keep, self._dynamic, fallback)
+        return keep
+
+    @staticmethod
+    def _run(ctx: SchedulingContext, keep: np.ndarray, filters: Sequence[Filter],
+             fallback: bool) -> None:
+        for f in filters:
             if not (fallback and f.soft):
                 keep &= f.keep(ctx)
-        for g in self.global_filters:
-            if not (fallback and g.soft):
-                keep = g.apply(ctx, keep)
-        return keep
+
+    def _static_mask(self, ctx: SchedulingContext, candidates: np.ndarray, fallback: bool
+                     ) -> np.ndarray:
+        """The static filters' and global filters' mask (a copy), from the cache if valid;
+        leaves their failover marks in `ctx.needs_failover`."""
+        if self._static_version != ctx.state.version:
+            self._masks.clear()
+            self._static_version = ctx.state.version
+        key = (fallback, candidates.tobytes())
+        hit = self._masks.get(key)
+        if hit is None or ctx.now >= hit.valid_until:
+            ctx.needs_failover[:] = False
+            keep = candidates.copy()
+            self._run(ctx, keep, self._static, fallback)
+            for g in self.global_filters:
+                if not (fallback and g.soft):
+                    keep = g.apply(ctx, keep)
+            until = min((f.valid_until(ctx) for f in self._static  # type: ignore[attr-defined]
+                         if hasattr(f, "valid_until")), default=math.inf)
+            hit = self._masks[key] = _StaticMask(keep, ctx.needs_failover.copy(), until)
+        ctx.needs_failover[:] = hit.needs_failover
+        return hit.keep.copy()

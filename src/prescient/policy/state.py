@@ -12,6 +12,7 @@ Column names of `status` are `InstanceStatus` field names; `S` maps a name to it
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,14 +50,23 @@ A = {name: i for i, name in enumerate(ACCOUNT_FIELDS)}
 INFER_CODES = {InferType.PREFILL: 0, InferType.DECODE: 1, InferType.NEUTRAL: 2}
 
 
+_VERSIONS = itertools.count()
+
+
 class ClusterState:
-    """Per-instance columns. Rebuilt when the instance set changes, updated row by row."""
+    """Per-instance columns. Rebuilt when the instance set changes, updated row by row.
+
+    `version` changes whenever the instance set or a status row does (not with the dispatch
+    accounts), to a number no other state has had: what is computed from metadata and statuses
+    alone may be kept until then.
+    """
 
     def __init__(self, metadata: Sequence[InstanceMetadata] = ()) -> None:
         self.set_instances(metadata)
 
     def set_instances(self, metadata: Sequence[InstanceMetadata]) -> None:
         """Replace the instance set, keeping the columns of instances that stay."""
+        self.version = next(_VERSIONS)
         old = getattr(self, "index", {})
         old_cols = getattr(self, "_columns", None)
         ordered = sorted(metadata, key=lambda m: m.instance_id)
@@ -93,6 +103,7 @@ class ClusterState:
         return bisect.bisect_right(self.ids, instance_id)
 
     def set_status(self, row: int, status: InstanceStatus | None) -> None:
+        self.version = next(_VERSIONS)
         if status is None:
             self.has_status[row] = False
             self.schedulable[row] = False
