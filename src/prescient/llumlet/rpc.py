@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import grpc
 
 from prescient.cms.proto import cms_pb2
+from prescient.errors import PrescientError
 from prescient.llumlet.proto import llumlet_server_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _METHODS: dict[str, tuple[Any, Any]] = {
 }
 
 
-class LlumletRpcError(Exception):
+class LlumletRpcError(PrescientError):
     """A call answered with a gRPC status other than OK (or one that never got an answer)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
