@@ -392,22 +392,27 @@ def sim_prompt_blocks(request: Request, block_size: int) -> int:
 def sim_block_hashes(request: Request, block_size: int, upto: int) -> list[int]:
     """The simulated engine's chain hashes of `request`'s first `upto` blocks.
 
-    Mirrors `SimEngine._hashes` (`engine/core.py`): `h_i = hash((h_{i-1}, key_i))` from
-    `h_{-1} = 0`, `key_i` the block's token ids, or, for requests described by
-    `prefix_block_ids`, (id at the block's start, offset in that id, id at the block's end).
-    Python hashes ints and tuples of ints without a random seed, so the values are stable
-    across processes. A test pins the two together.
+    `h_i = hash((h_{i-1}, key_i))` from `h_{-1} = 0`, `key_i` the block's token ids, or, for
+    requests described by `prefix_block_ids`, (id at the block's start, offset in that id, id
+    at the block's end). Python hashes ints and tuples of ints without a random seed, so the
+    values are stable across processes.
     """
+    return extend_sim_chain(request, block_size, [], upto)
+
+
+def extend_sim_chain(request: Request, block_size: int, hashes: list[int],
+                     upto: int) -> list[int]:
+    """Append the chain hashes of blocks `len(hashes) .. upto - 1` to `hashes` (in place) and
+    return it: the simulated engine computes its requests' chains lazily, block by block."""
     token_ids, ids = request.prompt_token_ids, request.prefix_block_ids
     size = request.prefix_block_size
-    out: list[int] = []
-    h = 0
-    for b in range(upto):
+    h = hashes[-1] if hashes else 0
+    for b in range(len(hashes), upto):
         s = b * block_size
         if token_ids is not None:
             key: tuple[int, ...] = tuple(token_ids[s:s + block_size])
         else:
             key = (ids[s // size], s % size, ids[(s + block_size - 1) // size])
         h = hash((h, key))
-        out.append(h)
-    return out
+        hashes.append(h)
+    return hashes

@@ -37,6 +37,7 @@ from itertools import count, islice
 
 import msgspec
 
+from prescient.cache.hashing import extend_sim_chain
 from prescient.engine.config import EngineConfig
 from prescient.engine.kv_cache import BlockPool
 from prescient.engine.lens import LensStep, lens_target_s
@@ -760,21 +761,10 @@ class SimEngine:
         if len(hashes) >= upto:
             return hashes
         bs, request = self._bs, req.request
-        token_ids, ids = request.prompt_token_ids, request.prefix_block_ids
-        if token_ids is not None and self.token_hasher is not None:
-            hashes[:] = self.token_hasher(token_ids, bs)  # every full block: upto is below
+        if request.prompt_token_ids is not None and self.token_hasher is not None:
+            hashes[:] = self.token_hasher(request.prompt_token_ids, bs)  # every full block
             return hashes
-        h = hashes[-1] if hashes else 0
-        size = request.prefix_block_size
-        for b in range(len(hashes), upto):
-            s = b * bs
-            if token_ids is not None:
-                key: tuple[int, ...] = tuple(token_ids[s:s + bs])
-            else:
-                key = (ids[s // size], s % size, ids[(s + bs - 1) // size])
-            h = hash((h, key))
-            hashes.append(h)
-        return hashes
+        return extend_sim_chain(request, bs, hashes, upto)
 
     # ---- status ----------------------------------------------------------------------------
 
