@@ -101,13 +101,49 @@ class _Entry:
         self.found_in_cms = False
 
 
+class _PrefillJournal:
+    """Which instances' prefill sides changed, and in which order: a reader of the in-flight
+    prefill queues follows the changes since its last read instead of reading every instance.
+
+    Each change takes the next serial; `changed` holds each instance once, at its latest
+    serial, oldest first (a dict keeps insertion order and moves nothing on lookup).
+    """
+
+    __slots__ = ("changed", "serial")
+
+    def __init__(self) -> None:
+        self.serial = 0
+        self.changed: dict[str, int] = {}
+
+    def new_serial(self) -> int:
+        self.serial += 1
+        return self.serial
+
+    def touch(self, instance_id: str) -> int:
+        serial = self.new_serial()
+        self.changed.pop(instance_id, None)
+        self.changed[instance_id] = serial
+        return serial
+
+    def since(self, serial: int) -> list[str]:
+        out = []
+        for instance_id in reversed(self.changed):
+            if self.changed[instance_id] <= serial:
+                break
+            out.append(instance_id)
+        return out
+
+
 class _InstanceAccount:
     """Entries of one instance plus the running sums of its counted entries."""
 
-    __slots__ = ("decode_tokens", "entries", "found", "num_decode", "num_prefill",
-                 "num_requests", "prefill_queue", "prefill_uncomputed_tokens")
+    __slots__ = ("decode_tokens", "entries", "found", "instance_id", "journal", "num_decode",
+                 "num_prefill", "num_requests", "prefill_epoch", "prefill_queue",
+                 "prefill_tail", "prefill_uncomputed_tokens")
 
-    def __init__(self) -> None:
+    def __init__(self, instance_id: str, journal: _PrefillJournal) -> None:
+        self.instance_id = instance_id
+        self.journal = journal
         self.entries: dict[str, _Entry] = {}  # in dispatch order, so oldest first
         self.found: set[str] = set()  # ids of the entries the CMS has shown
         self.num_prefill = 0
@@ -115,9 +151,12 @@ class _InstanceAccount:
         self.num_requests = 0
         self.prefill_uncomputed_tokens = 0
         self.decode_tokens = 0
-        # (dispatch times, uncomputed tokens) of the counted prefill-side entries; None when a
-        # change on the prefill side made it stale
-        self.prefill_queue: tuple[np.ndarray, np.ndarray] | None = None
+        # (dispatch times, uncomputed tokens) of the counted prefill-side entries, in dispatch
+        # order; appends extend it, any other prefill-side change drops it (None) and starts a
+        # new epoch, so a reader that kept a prefix knows whether it is still a prefix
+        self.prefill_tail: tuple[list[float], list[float]] | None = ([], [])
+        self.prefill_epoch = journal.new_serial()
+        self.prefill_queue: tuple[np.ndarray, np.ndarray] | None = None  # numpy copy
 
     def count_leg(self, infer_type: InferType, num_tokens: int, num_uncomputed_tokens: int,
                   sign: int) -> None:
@@ -126,9 +165,24 @@ class _InstanceAccount:
             self.num_prefill += sign
             self.prefill_uncomputed_tokens += sign * num_uncomputed_tokens
             self.prefill_queue = None
+            self.prefill_tail = None
+            self.prefill_epoch = self.journal.touch(self.instance_id)
         if infer_type in _DECODE_SIDE:
             self.num_decode += sign
             self.decode_tokens += sign * num_tokens
+
+    def append_leg(self, entry: _Entry) -> None:
+        """Count a new entry, the newest of the instance: on the prefill side an append."""
+        tail = self.prefill_tail
+        epoch = self.prefill_epoch
+        self.count_leg(entry.infer_type, entry.num_tokens, entry.num_uncomputed_tokens, 1)
+        self.num_requests += 1
+        if entry.infer_type in _PREFILL_SIDE:
+            self.prefill_epoch = epoch  # count_leg started a new one: undo, it is an append
+            if tail is not None:
+                tail[0].append(entry.scheduled_at)
+                tail[1].append(float(entry.num_uncomputed_tokens))
+                self.prefill_tail = tail
 
     def uncount(self, entry: _Entry) -> None:
         """Take a counted entry out of the totals (it stays in `entries`)."""
@@ -141,13 +195,18 @@ class _InstanceAccount:
         return AccountTotals(self.num_prefill, self.num_decode, self.num_requests,
                              self.prefill_uncomputed_tokens, self.decode_tokens)
 
+    def prefill_log(self) -> tuple[int, list[float], list[float]]:
+        if self.prefill_tail is None:
+            counted = [(e.scheduled_at, float(e.num_uncomputed_tokens))
+                       for e in self.entries.values()
+                       if not e.found_in_cms and e.infer_type in _PREFILL_SIDE]
+            self.prefill_tail = ([t for t, _ in counted], [x for _, x in counted])
+        return self.prefill_epoch, *self.prefill_tail
+
     def inflight_prefills(self) -> tuple[np.ndarray, np.ndarray]:
         if self.prefill_queue is None:
-            counted = [(e.scheduled_at, e.num_uncomputed_tokens) for e in self.entries.values()
-                       if not e.found_in_cms and e.infer_type in _PREFILL_SIDE]
-            times = np.array([t for t, _ in counted], np.float64)
-            tokens = np.array([x for _, x in counted], np.float64)
-            self.prefill_queue = (times, tokens)
+            _, times, tokens = self.prefill_log()
+            self.prefill_queue = (np.array(times, np.float64), np.array(tokens, np.float64))
         return self.prefill_queue
 
 
@@ -162,6 +221,7 @@ class LocalAccount:
     def __init__(self, staleness_s: float = 10.0) -> None:
         self.staleness_s = staleness_s
         self._accounts: dict[str, _InstanceAccount] = {}
+        self._journal = _PrefillJournal()
         self._where: dict[str, set[str]] = {}  # request id -> instance ids with an entry
 
     def add(self, request_id: str, instance_id: str, infer_type: InferType, num_tokens: int,
@@ -181,13 +241,14 @@ class LocalAccount:
         """
         if num_tokens < 0 or num_uncomputed_tokens < 0:
             raise ValueError(f"request {request_id}: token counts must be >= 0")
-        account = self._accounts.setdefault(instance_id, _InstanceAccount())
+        account = self._accounts.get(instance_id)
+        if account is None:
+            account = self._accounts[instance_id] = _InstanceAccount(instance_id, self._journal)
         entry = account.entries.get(request_id)
         if entry is None:
-            account.entries[request_id] = _Entry(infer_type, num_tokens, num_uncomputed_tokens,
-                                                 now)
-            account.count_leg(infer_type, num_tokens, num_uncomputed_tokens, 1)
-            account.num_requests += 1
+            entry = account.entries[request_id] = _Entry(infer_type, num_tokens,
+                                                         num_uncomputed_tokens, now)
+            account.append_leg(entry)
             self._where.setdefault(request_id, set()).add(instance_id)
             return True
         return self._merge(account, entry, infer_type, num_tokens, num_uncomputed_tokens)
@@ -290,6 +351,26 @@ class LocalAccount:
         account = self._accounts.get(instance_id)
         return _NO_QUEUE if account is None else account.inflight_prefills()
 
+    def prefill_serial(self) -> int:
+        """The serial of the latest prefill-side change of any instance (see `prefill_changes`)."""
+        return self._journal.serial
+
+    def prefill_changes(self, since: int) -> list[str]:
+        """Ids of the instances whose prefill side changed after serial `since`, newest first:
+        in O(changes), so a reader need not look at every instance per dispatch."""
+        return self._journal.since(since)
+
+    def prefill_log(self, instance_id: str) -> tuple[int, list[float], list[float]]:
+        """`inflight_prefills` as (epoch, dispatch times, uncomputed tokens), lists.
+
+        While the epoch stays the same the lists only grew at the end (new dispatches), so a
+        reader that replayed a prefix can continue with the rest; a new epoch (a prompt
+        reconciled, released, expired or merged) means start over. An instance without an
+        account has epoch -1 and no entries. The lists are shared: do not modify them.
+        """
+        account = self._accounts.get(instance_id)
+        return (-1, [], []) if account is None else account.prefill_log()
+
     def waiting_uncomputed_tokens(self, instance_id: str, waiting: Iterable[str]) -> int:
         """Σ uncomputed tokens of this instance's entries whose ids are waiting (tokens).
 
@@ -307,6 +388,8 @@ class LocalAccount:
     def drop_instance(self, instance_id: str) -> None:
         """Forget an instance that left the CMS, with all its entries."""
         account = self._accounts.pop(instance_id, None)
+        if account is not None:
+            self._journal.touch(instance_id)
         for request_id in account.entries if account is not None else ():
             self._unindex(request_id, instance_id)
 

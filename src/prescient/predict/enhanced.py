@@ -26,6 +26,12 @@ they had all been queued when the status was stamped, which credits an instance 
 received a prompt with progress on it; replaying only the status (this feature's first
 version) leaves the account's whole over-count in place.
 
+The replay is kept between decisions (`PrefillReplay`): each dispatch continues every
+instance's replay from where the last one left it, and an instance starts over only when its
+status changes or its in-flight prompts change other than by a new dispatch (the account's
+`prefill_changes` journal says which did, so a decision does not look at every instance).
+The predictions are those of a replay from scratch.
+
 The bank is upstream's quadratic `PredictorBank` or, with `--step-predictor structural`, a
 `StructuralBank` (NexusSched's model, fed `B = 1` per profiling sample since samples carry no
 request count, priced for the replay through its quadratic approximation).
@@ -42,7 +48,7 @@ from prescient.policy.account import LocalAccount
 from prescient.policy.framework import SchedulingContext
 from prescient.policy.state import INFER_CODES, ClusterState
 from prescient.predict.bank import ProfilingSampleLike
-from prescient.predict.prefill_sim import predict_computed_prefill_tokens
+from prescient.predict.prefill_sim import PrefillReplay
 from prescient.predict.quadratic import PredictorBank
 from prescient.predict.structural import StructuralBank
 
@@ -68,6 +74,7 @@ class PredictorEnhancement:
         self.account = account
         self._cache: tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
         self._cache = None
+        self._replay = _Replay((), account)
 
     def on_statuses(self, state: ClusterState, samples: Sequence[ProfilingSampleLike],
                     now: float) -> None:
@@ -85,43 +92,78 @@ class PredictorEnhancement:
         elapsed_ms = ctx.now * 1000.0 - stamped_ms
         replayed = st.has_status & (st.infer_type != _DECODE) & (elapsed_ms > 0)
         elapsed_ms = np.where(replayed, elapsed_ms, 0.0)
-        uncomputed = (st.s("num_uncomputed_tokens_all_waiting_prefills")
-                      + st.s("num_uncomputed_tokens_scheduler_running_prefills"))
-        running = st.s("num_uncomputed_tokens_scheduler_running_prefills")
-        arrival_ms, arrival_tokens = self._arrivals(st, replayed, stamped_ms)
-        ctx.predicted_computed_tokens = predict_computed_prefill_tokens(
-            elapsed_ms, uncomputed, running, a, b, c, max_batched, arrival_ms=arrival_ms,
-            arrival_tokens=arrival_tokens).astype(float)
-
-    def _arrivals(self, st: ClusterState, replayed: np.ndarray, stamped_ms: np.ndarray
-                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The account's in-flight prefills as padded (rows, arrivals) arrays: ms after each
-        row's status (+inf pads) and uncomputed tokens; (None, None) when there are none."""
-        if self.account is None:
-            return None, None
-        rows = np.flatnonzero(replayed & (st.a("num_inflight_dispatch_prefill_requests") > 0))
-        if not len(rows):
-            return None, None
-        queues = [self.account.inflight_prefills(st.ids[row]) for row in rows]
-        lengths = np.array([len(times) for times, _ in queues])
-        width = int(lengths.max())
-        if not width:
-            return None, None
-        # scatter all queues at once: entry k of row r goes to column k of row r
-        owner = np.repeat(rows, lengths)
-        column = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        at = np.full((len(st), width), np.inf)
-        tokens = np.zeros((len(st), width))
-        at[owner, column] = np.concatenate([t for t, _ in queues]) * 1000.0 - stamped_ms[owner]
-        tokens[owner, column] = np.concatenate([x for _, x in queues])
-        return at, tokens
+        if self._replay.ids is not st.ids and self._replay.ids != st.ids:
+            self._replay = _Replay(st.ids, self.account)
+        self._replay.sync(st, stamped_ms)
+        ctx.predicted_computed_tokens = self._replay.replay.advance(
+            elapsed_ms, a, b, c, max_batched).astype(float)
 
     def _coefficients(self, st: ClusterState
                       ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per-row coefficients and chunk budgets, rebuilt only when fits or instances change."""
-        if self._cache is None or self._cache[0] != st.ids:
+        if self._cache is None or (self._cache[0] is not st.ids and self._cache[0] != st.ids):
             a, b, c = self.bank.coefficient_arrays(st.ids)
             budgets = np.array([m.max_num_batched_tokens or self.max_num_batched_tokens
                                 for m in st.metadata], float)
             self._cache = (st.ids, a, b, c, budgets)
         return self._cache
+
+
+class _Replay:
+    """One `PrefillReplay` per instance set, kept in step with the statuses and the account.
+
+    A row starts over when its status changes (stamp, backlog or running chunk); the account's
+    in-flight prefills join it as they are dispatched (appended, so the replay continues), and
+    a change other than an append (a prompt reconciled, released, merged) reloads the row.
+    """
+
+    def __init__(self, ids: tuple[str, ...], account: LocalAccount | None) -> None:
+        n = len(ids)
+        self.ids = ids
+        self.account = account
+        self.replay = PrefillReplay(n)
+        self._status = np.full((3, n), np.nan)  # stamp, backlog, running chunk of each row
+        self._epoch = [-2] * n  # the account epoch of the arrivals loaded; -2: none read
+        self._loaded = np.zeros(n, np.int64)  # arrivals loaded per row
+        self._serial = -1 if account is None else account.prefill_serial()
+
+    def sync(self, st: ClusterState, stamped_ms: np.ndarray) -> None:
+        running = st.s("num_uncomputed_tokens_scheduler_running_prefills")
+        backlog = st.s("num_uncomputed_tokens_all_waiting_prefills") + running
+        status = np.vstack([stamped_ms, backlog, running])
+        same = (status == self._status) | (np.isnan(status) & np.isnan(self._status))
+        changed = np.flatnonzero(~same.all(axis=0))
+        self._status = status
+        if changed.size:
+            self.replay.reset(changed, backlog[changed], running[changed])
+            self._loaded[changed] = 0
+            for row in changed.tolist():
+                self._epoch[row] = -2
+        if self.account is None:
+            return
+        account = self.account
+        # a reset row with prompts in flight reads them all; any other row only if it changed
+        inflight = st.a("num_inflight_dispatch_prefill_requests")
+        rows = set(changed[inflight[changed] > 0].tolist())
+        index = st.index
+        rows.update(index[i] for i in account.prefill_changes(self._serial) if i in index)
+        self._serial = account.prefill_serial()
+        for row in rows:
+            self._load(row, account.prefill_log(self.ids[row]), stamped_ms[row],
+                       backlog[row], running[row])
+
+    def _load(self, row: int, log: tuple[int, list[float], list[float]], stamped_ms: float,
+              backlog: float, running: float) -> None:
+        epoch, times, tokens = log
+        start = int(self._loaded[row])
+        if start and (epoch != self._epoch[row] or len(times) < start):
+            # not an append: replay the row again from its status. (Arrivals read after an
+            # empty load are all new since the last advance, whatever the epoch, so they
+            # append: `PrefillReplay.append` rewinds by itself if one is not.)
+            self.replay.reset([row], [backlog], [running])
+            start = 0
+        if len(times) > start:
+            at = np.array(times[start:], np.float64) * 1000.0 - stamped_ms
+            self.replay.append(row, at, tokens[start:])
+        self._loaded[row] = len(times)
+        self._epoch[row] = epoch

@@ -31,6 +31,8 @@ plus the arrived tokens. Without arrivals this is exactly the loop above.
 The scheduler needs `P` for every instance on every dispatch, so
 `predict_computed_prefill_tokens` runs all instances in lockstep with numpy: each iteration
 simulates one step of every still-active instance. `_predict_one` is the scalar reference.
+`PrefillReplay` is the same simulation kept between dispatches: each decision continues from
+the steps already completed instead of replaying from the status (the result is identical).
 
 Pure: no I/O, no clock; the caller passes `elapsed_ms = now_ms - status.timestamp_ms`.
 """
@@ -58,40 +60,6 @@ def _max_batched(max_num_batched_tokens: ArrayLike, n: int) -> np.ndarray:
     if not bool(np.all(max_b > 0)):
         raise ValueError("max_num_batched_tokens must be > 0 (upstream loops forever at 0)")
     return max_b
-
-
-class _Queue:
-    """Arrivals as padded rows: `at[i, j]` the j-th arrival's time (ms after the status, +inf
-    past the last; one extra +inf column so "the next arrival" always exists), `before[i, j]`
-    the tokens of the arrivals before the j-th."""
-
-    __slots__ = ("at", "before")
-
-    def __init__(self, arrival_ms: ArrayLike | None, arrival_tokens: ArrayLike | None,
-                 n: int) -> None:
-        if (arrival_ms is None) != (arrival_tokens is None):
-            raise ValueError("arrival_ms and arrival_tokens go together")
-        at = np.zeros((n, 0)) if arrival_ms is None else np.array(arrival_ms, np.float64,
-                                                                   ndmin=2)
-        tokens = np.zeros((n, 0)) if arrival_tokens is None else np.asarray(arrival_tokens,
-                                                                            np.float64)
-        if at.shape[0] != n or tokens.shape != at.shape:
-            raise ValueError("arrival_ms and arrival_tokens must be (instances, arrivals)")
-        # NaN and anything before the status arrive at once; padding (+inf) never arrives
-        at = np.where(np.isnan(at), 0.0, np.maximum(at, 0.0))
-        self.at = np.hstack([at, np.full((n, 1), np.inf)])
-        self.before = np.zeros((n, at.shape[1] + 1))
-        np.cumsum(np.where(np.isfinite(at), np.maximum(tokens, 0.0), 0.0), axis=1,
-                  out=self.before[:, 1:])
-
-    @property
-    def total(self) -> np.ndarray:
-        return self.before[:, -1]
-
-    def arrived(self, idx: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per row of `idx`: tokens arrived by time `t`, and the time of the next arrival."""
-        count = (self.at[idx] <= t[:, None]).sum(axis=1)
-        return self.before[idx, count], self.at[idx, count]
 
 
 def predict_computed_prefill_tokens(
@@ -125,76 +93,244 @@ def predict_computed_prefill_tokens(
     """
     elapsed = np.array(elapsed_ms, dtype=np.float64, ndmin=1)
     n = elapsed.shape[0]
-    # a negative backlog (an inconsistent status) would un-compute the arrivals behind it
-    backlog = np.maximum(np.array(uncomputed, dtype=np.float64, ndmin=1), 0.0)
-    running = np.array(running_uncomputed, dtype=np.float64, ndmin=1)  # copy: mutated below
-    coef = [np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)) for v in (a, b, c)]
+    backlog = np.array(uncomputed, dtype=np.float64, ndmin=1)
+    running = np.array(running_uncomputed, dtype=np.float64, ndmin=1)
     if backlog.shape != (n,) or running.shape != (n,):
         raise ValueError("elapsed_ms, uncomputed and running_uncomputed must have one shape")
-    max_b = _max_batched(max_num_batched_tokens, n)
-    queue = _Queue(arrival_ms, arrival_tokens, n)
-    total = backlog + queue.total
-    clock = np.zeros(n)  # ms since the status at which each instance's next step begins
-    computed = np.zeros(n)
-    fitted = np.isfinite(coef[0]) & np.isfinite(coef[1]) & np.isfinite(coef[2])
-    active = np.flatnonzero(fitted & (elapsed > 0) & (total > 0))
-    sim = _Sim(elapsed, backlog, running, clock, computed, coef, max_b, queue)
-    for _ in range(max_iterations):
-        if active.size == 0:
-            break
-        active = sim.step(active)
-    return np.clip(computed, 0, total).astype(np.int64)
+    replay = PrefillReplay(n, max_iterations=max_iterations)
+    replay.reset(np.arange(n), backlog, running)
+    replay.set_arrivals(arrival_ms, arrival_tokens)
+    return replay.advance(elapsed, a, b, c, max_num_batched_tokens)
 
 
-class _Sim:
-    """The lockstep state of `predict_computed_prefill_tokens`; arrays are updated in place."""
+class PrefillReplay:
+    """`predict_computed_prefill_tokens` as a state that can be advanced decision by decision.
 
-    __slots__ = ("backlog", "clock", "coef", "computed", "elapsed", "max_b", "queue",
-                 "running")
+    The scheduler asks for the replay at every dispatch, each time a little later than the
+    last. Replaying from the status each time repeats every step already simulated, which is
+    most of a decision's cost at a slow poll. This keeps, per row, the steps completed so far
+    (the clock, the tokens computed, the running chunk, the iterations used) and continues
+    from there: a later `advance` simulates only the steps that begin after the last one
+    completed, and re-prices only the step in flight, which is apportioned anew each time.
 
-    def __init__(self, elapsed: np.ndarray, backlog: np.ndarray, running: np.ndarray,
-                 clock: np.ndarray, computed: np.ndarray, coef: Sequence[np.ndarray],
-                 max_b: np.ndarray, queue: _Queue) -> None:
-        self.elapsed, self.backlog, self.running = elapsed, backlog, running
-        self.clock, self.computed, self.coef = clock, computed, coef
-        self.max_b, self.queue = max_b, queue
+    The result always equals a replay from scratch over the same inputs (tested on random
+    cases), because completed steps depend on nothing that can still change: a completed step
+    began before the last advance's `elapsed`, and an arrival appended since is dispatched no
+    earlier than that. Whatever would break this restarts the row from the status by itself:
+    other coefficients or chunk budget, an `elapsed` earlier than the last, an arrival earlier
+    than the last `elapsed`. A new status, or arrivals that change other than at the end
+    (a prompt reconciled or released), are the caller's to `reset`.
 
-    def step(self, idx: np.ndarray) -> np.ndarray:
-        """Simulate one step of the instances `idx`; returns those still active."""
-        t = self.clock[idx]
-        arrived, next_at = self.queue.arrived(idx, t)
-        ready = self.backlog[idx] + arrived - self.computed[idx]
+    Args:
+        n: rows (instances).
+        max_iterations: steps simulated at most per row, over all advances since its reset.
+    """
+
+    def __init__(self, n: int, *, max_iterations: int = DEFAULT_MAX_ITERATIONS) -> None:
+        self.n = n
+        self.max_iterations = max_iterations
+        self._backlog = np.zeros(n)
+        self._running_at_status = np.zeros(n)
+        self._running = np.zeros(n)  # the running chunk left, until a step consumes it
+        self._clock = np.zeros(n)  # ms after the status at which the next step begins
+        self._computed = np.zeros(n)  # tokens of completed steps
+        self._iterations = np.zeros(n, np.int64)
+        self._void = np.zeros(n, bool)  # a step priced outside the sane range: predicts 0
+        self._horizon = np.zeros(n)  # the `elapsed` of the last advance
+        self._priced = np.full((4, n), np.nan)  # a, b, c and chunk budget of the last advance
+        # the step in flight at the last advance: it began at `_pend_start` (the clock, or
+        # the arrival an idle row waited for), batches `_pend_batch` tokens (the running chunk
+        # if `_pend_chunk`) and takes `_pend_ms` (NaN: none). Kept so that a decision inside
+        # it costs one apportioning, not a step's simulation.
+        self._pend_start = np.zeros(n)
+        self._pend_batch = np.zeros(n)
+        self._pend_ms = np.full(n, np.nan)
+        self._pend_chunk = np.zeros(n, bool)
+        # arrivals as padded rows: `_at[i, j]` the j-th arrival (ms after the status; +inf from
+        # `_count[i]` on, so "the next arrival" always exists), `_before[i, j]` the tokens of
+        # the arrivals before the j-th
+        self._count = np.zeros(n, np.int64)
+        self._at = np.full((n, 1), np.inf)
+        self._before = np.zeros((n, 1))
+
+    def reset(self, rows: ArrayLike, uncomputed: ArrayLike, running_uncomputed: ArrayLike
+              ) -> None:
+        """Start `rows` over from a status: its backlog `U`, its running chunk `Ur`, no
+        arrivals (a negative backlog counts as 0: it would un-compute the arrivals)."""
+        rows = np.asarray(rows, np.int64)
+        self._backlog[rows] = np.maximum(uncomputed, 0.0)
+        self._running_at_status[rows] = running_uncomputed
+        self._count[rows] = 0
+        self._at[rows] = np.inf
+        self._before[rows] = 0.0
+        self._rewind(rows)
+
+    def append(self, row: int, arrival_ms: Sequence[float], arrival_tokens: Sequence[float]
+               ) -> None:
+        """Queue more prompts behind row `row`'s, in dispatch order (ms after the status,
+        < 0 and NaN count as 0, +inf never arrives; uncomputed tokens, < 0 count as 0)."""
+        at = np.asarray(arrival_ms, np.float64)
+        at = np.where(np.isnan(at), 0.0, np.maximum(at, 0.0))
+        keep = np.isfinite(at)
+        at = at[keep]
+        if not at.size:
+            return
+        tokens = np.maximum(np.asarray(arrival_tokens, np.float64)[keep], 0.0)
+        start = int(self._count[row])
+        end = start + at.size
+        self._reserve(end + 1)
+        self._at[row, start:end] = at
+        self._before[row, start + 1:end + 1] = self._before[row, start] + np.cumsum(tokens)
+        self._count[row] = end
+        if at[0] < self._horizon[row]:  # it could have joined a step already completed
+            self._rewind(np.array([row]))
+
+    def set_arrivals(self, arrival_ms: ArrayLike | None, arrival_tokens: ArrayLike | None
+                     ) -> None:
+        """Replace every row's arrivals with padded (rows, arrivals) arrays, +inf padding, as
+        `predict_computed_prefill_tokens` takes them; rewinds every row."""
+        if (arrival_ms is None) != (arrival_tokens is None):
+            raise ValueError("arrival_ms and arrival_tokens go together")
+        n = self.n
+        at = np.zeros((n, 0)) if arrival_ms is None else np.array(arrival_ms, np.float64,
+                                                                   ndmin=2)
+        tokens = np.zeros((n, 0)) if arrival_tokens is None else np.asarray(arrival_tokens,
+                                                                            np.float64)
+        if at.shape[0] != n or tokens.shape != at.shape:
+            raise ValueError("arrival_ms and arrival_tokens must be (instances, arrivals)")
+        at = np.where(np.isnan(at), 0.0, np.maximum(at, 0.0))
+        self._at = np.hstack([at, np.full((n, 1), np.inf)])
+        self._before = np.zeros((n, at.shape[1] + 1))
+        np.cumsum(np.where(np.isfinite(at), np.maximum(tokens, 0.0), 0.0), axis=1,
+                  out=self._before[:, 1:])
+        self._count = np.isfinite(at).sum(axis=1)
+        self._rewind(np.arange(n))
+
+    def advance(self, elapsed_ms: ArrayLike, a: ArrayLike, b: ArrayLike, c: ArrayLike,
+                max_num_batched_tokens: ArrayLike) -> np.ndarray:
+        """Predicted computed tokens of every row at `elapsed_ms` after its status, with the
+        step time `a x² + b x + c` ms; the arguments of `predict_computed_prefill_tokens`."""
+        n = self.n
+        elapsed = np.array(elapsed_ms, dtype=np.float64, ndmin=1)
+        if elapsed.shape != (n,):
+            raise ValueError("elapsed_ms must have one value per row")
+        elapsed[np.isnan(elapsed)] = 0.0
+        priced = np.vstack([np.broadcast_to(np.asarray(v, np.float64), (n,))
+                            for v in (a, b, c, _max_batched(max_num_batched_tokens, n))])
+        same = (priced == self._priced) | (np.isnan(priced) & np.isnan(self._priced))
+        stale = ~same.all(axis=0) | (elapsed < self._horizon)
+        if stale.any():
+            self._rewind(np.flatnonzero(stale))
+            self._priced[:, stale] = priced[:, stale]
+        self._horizon = elapsed
+        fitted = np.isfinite(priced[:3]).all(axis=0)
+        total = self._backlog + self._before[np.arange(n), self._count]
+        in_flight = np.zeros(n)  # tokens of the step in flight at `elapsed`, apportioned
+        active = np.flatnonzero(fitted & ~self._void & (self._clock < elapsed)
+                                & (self._computed < total)
+                                & (self._iterations < self.max_iterations))
+        active = self._finish_pending(active, elapsed, total, in_flight)
+        while active.size:
+            active = self._step(active, elapsed, priced, total, in_flight)
+        predicted = np.clip(self._computed + in_flight, 0, total)
+        return np.where(self._void, 0, predicted).astype(np.int64)
+
+    def _finish_pending(self, active: np.ndarray, elapsed: np.ndarray, total: np.ndarray,
+                        in_flight: np.ndarray) -> np.ndarray:
+        """Apportion or complete the kept steps in flight of `active`; returns the rows that
+        need simulating (the arithmetic is `_step`'s, so the results are the same)."""
+        pend = active[np.isfinite(self._pend_ms[active])]
+        if not pend.size:
+            return active
+        start, d = self._pend_start[pend], self._pend_ms[pend]
+        left = elapsed[pend] - start
+        full = left >= d
+        last = pend[~full]
+        in_flight[last] = _round_half_away(self._pend_batch[last] * left[~full] / d[~full])
+        done = pend[full]
+        self._running[done[self._pend_chunk[done]]] = 0.0
+        self._computed[done] += self._pend_batch[done]
+        self._clock[done] = start[full] + d[full]
+        self._iterations[done] += 1
+        self._pend_ms[done] = np.nan
+        busy = done[(self._clock[done] < elapsed[done]) & (self._computed[done] < total[done])
+                    & (self._iterations[done] < self.max_iterations)]
+        rest = active[np.isnan(self._pend_ms[active])]
+        rest = rest[~np.isin(rest, done)]
+        return np.concatenate([rest, busy])
+
+    def _rewind(self, rows: np.ndarray) -> None:
+        """Forget the steps simulated for `rows`; their status and arrivals stay."""
+        self._pend_ms[rows] = np.nan
+        self._running[rows] = self._running_at_status[rows]
+        self._clock[rows] = 0.0
+        self._computed[rows] = 0.0
+        self._iterations[rows] = 0
+        self._void[rows] = False
+
+    def _reserve(self, width: int) -> None:
+        have = self._at.shape[1]
+        if width <= have:
+            return
+        grow = max(width, 2 * have) - have
+        self._at = np.hstack([self._at, np.full((self.n, grow), np.inf)])
+        self._before = np.hstack([self._before, np.zeros((self.n, grow))])
+
+    def _arrived(self, idx: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row of `idx`: tokens arrived by time `t`, and the time of the next arrival."""
+        count = (self._at[idx] <= t[:, None]).sum(axis=1)
+        return self._before[idx, count], self._at[idx, count]
+
+    def _step(self, idx: np.ndarray, elapsed: np.ndarray, priced: np.ndarray,
+              total: np.ndarray, in_flight: np.ndarray) -> np.ndarray:
+        """Simulate one step of the rows `idx`; returns those still active.
+
+        Only a step that completes by `elapsed` (or a wait that ends before it) changes the
+        kept state; the step in flight goes to `in_flight`, priced again at the next advance.
+        """
+        t = self._clock[idx]
+        arrived, next_at = self._arrived(idx, t)
+        ready = self._backlog[idx] + arrived - self._computed[idx]
         idle = ready <= 0
         waiting = idx[:0]
         if idle.any():  # wait for the next arrival, which cannot be before `t`
             t = np.where(idle, next_at, t)
-            late, _ = self.queue.arrived(idx[idle], t[idle])
-            ready[idle] = self.backlog[idx[idle]] + late - self.computed[idx[idle]]
-            waits = t < self.elapsed[idx]  # False for +inf: nothing more arrives
+            late, _ = self._arrived(idx[idle], t[idle])
+            ready[idle] = self._backlog[idx[idle]] + late - self._computed[idx[idle]]
+            waits = t < elapsed[idx]  # False for +inf: nothing more arrives
             idx, t, ready = idx[waits], t[waits], ready[waits]
             empty = ready <= 0  # only zero-token arrivals came: wait for the next one
             waiting = idx[empty]
-            self.clock[waiting] = t[empty]
+            self._clock[waiting] = t[empty]
+            self._iterations[waiting] += 1
             idx, t, ready = idx[~empty], t[~empty], ready[~empty]
-        ur = self.running[idx]
-        partial = (ur > 0) & (ur < self.max_b[idx])
-        batch = np.where(partial, ur, np.minimum(ready, self.max_b[idx]))
-        self.running[idx] = np.where(partial, 0.0, ur)
-        a, b, c = (v[idx] for v in self.coef)
+        max_b = priced[3, idx]
+        ur = self._running[idx]
+        partial = (ur > 0) & (ur < max_b)
+        batch = np.where(partial, ur, np.minimum(ready, max_b))
+        a, b, c = priced[0, idx], priced[1, idx], priced[2, idx]
         with np.errstate(over="ignore", invalid="ignore"):
             d = a * batch * batch + b * batch + c
         ok = (d >= MIN_PREDICTED_STEP_MS) & (d <= MAX_PREDICTED_STEP_MS)  # False for NaN
-        left = self.elapsed[idx] - t
+        left = elapsed[idx] - t
         full = ok & (left >= d)
         last = ok & ~full
-        self.computed[idx[~ok]] = 0.0
+        self._void[idx[~ok]] = True
         done = idx[full]
-        self.computed[done] += batch[full]
-        self.clock[done] = t[full] + d[full]
-        self.computed[idx[last]] += _round_half_away(batch[last] * left[last] / d[last])
-        total = self.backlog[done] + self.queue.total[done]
-        busy = done[(self.clock[done] < self.elapsed[done]) & (self.computed[done] < total)]
-        return np.concatenate([busy, waiting]) if waiting.size else busy
+        self._running[done] = np.where(partial[full], 0.0, ur[full])
+        self._computed[done] += batch[full]
+        self._clock[done] = t[full] + d[full]
+        self._iterations[done] += 1
+        in_flight[idx[last]] = _round_half_away(batch[last] * left[last] / d[last])
+        pend = idx[last]
+        self._pend_start[pend] = t[last]
+        self._pend_batch[pend] = batch[last]
+        self._pend_ms[pend] = d[last]
+        self._pend_chunk[pend] = partial[last]
+        busy = done[(self._clock[done] < elapsed[done]) & (self._computed[done] < total[done])]
+        if waiting.size:
+            busy = np.concatenate([busy, waiting])
+        return busy[self._iterations[busy] < self.max_iterations]
 
 
 def _absorb(pending: list[tuple[float, float]], t: float) -> float:

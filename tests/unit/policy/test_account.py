@@ -248,3 +248,26 @@ def test_counters_stay_exact_and_non_negative_over_random_operations() -> None:
         account.release(rid)
     for inst in instances:
         assert totals(account, inst) == ZERO
+
+
+def test_the_prefill_journal_tells_appends_from_other_changes() -> None:
+    account = LocalAccount()
+    start = account.prefill_serial()
+    account.add("r1", "i0", InferType.NEUTRAL, 100, 80, 1.0)
+    account.add("r2", "i1", InferType.DECODE, 100, 100, 1.5)  # no prefill side: no change
+    epoch, times, tokens = account.prefill_log("i0")
+    assert (times, tokens) == ([1.0], [80.0])
+    assert account.prefill_changes(start) == ["i0"]
+    seen = account.prefill_serial()
+    account.add("r3", "i0", InferType.PREFILL, 50, 50, 2.0)
+    assert account.prefill_changes(seen) == ["i0"]
+    assert account.prefill_log("i0") == (epoch, [1.0, 2.0], [80.0, 50.0])  # appended
+    seen = account.prefill_serial()
+    account.release("r1")
+    assert account.prefill_changes(seen) == ["i0"]
+    new_epoch, times, tokens = account.prefill_log("i0")
+    assert new_epoch != epoch and (times, tokens) == ([2.0], [50.0])
+    account.drop_instance("i0")
+    assert account.prefill_log("i0") == (-1, [], [])
+    assert account.prefill_changes(seen) == ["i0"]
+    assert account.prefill_changes(account.prefill_serial()) == []

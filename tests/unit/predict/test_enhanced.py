@@ -175,3 +175,52 @@ def test_equal_prefill_loads_fall_through_to_decodes_with_prediction_only() -> N
                                              0.010).instance_id
     # every queue is empty: the lowest id without prediction, the fewest decodes with it
     assert picks == {False: "i0", True: "i1"}
+
+
+def test_the_kept_replay_equals_a_fresh_one_through_dispatches_polls_and_releases() -> None:
+    """The feature keeps each instance's replay between decisions; a feature built afresh at
+    every decision (replaying every status and account from scratch) predicts the same."""
+    on = msgspec.structs.replace(SchedulerSettings(), enable_predictor_enhanced_scheduling=True)
+    dispatcher = make_dispatcher("load-balance", on, random.Random(0))
+    ids = [f"i{k}" for k in range(5)]
+    dispatcher.on_instances({i: InstanceMetadata(instance_id=i) for i in ids}, 0.0)
+    feature = dispatcher.features[0]
+    feature.on_statuses(dispatcher.state, linear_samples("i0"), 0.0)
+    checked = []
+
+    def prepare_and_compare(ctx: SchedulingContext, kept=feature.prepare) -> None:
+        kept(ctx)
+        fresh = SchedulingContext(ctx.request, ctx.state, ctx.now, random.Random(0))
+        PredictorEnhancement(feature.bank, feature.max_num_batched_tokens,
+                             feature.account).prepare(fresh)
+        assert ctx.predicted_computed_tokens.tolist() == fresh.predicted_computed_tokens.tolist()
+        checked.append(ctx.predicted_computed_tokens.sum())
+
+    feature.prepare = prepare_and_compare
+    rng = random.Random(5)
+    placed: dict[str, str] = {}
+    now, update = 0.0, 0
+    for k in range(600):
+        now += rng.expovariate(300.0)
+        if k % 60 == 0:  # a poll: part of what was placed shows up as waiting
+            update += 1
+            statuses = {}
+            for iid in ids:
+                mine = [r for r, i in placed.items() if i == iid and rng.random() < 0.5]
+                statuses[iid] = InstanceStatus(
+                    instance_id=iid, timestamp_ms=int(now * 1000) - rng.randint(0, 30),
+                    update_id=update, recent_waiting_requests=tuple(mine),
+                    waiting_requests=tuple(mine),
+                    num_uncomputed_tokens_all_waiting_prefills=rng.randint(0, 30_000),
+                    num_uncomputed_tokens_scheduler_running_prefills=rng.choice([0, 700]),
+                    num_total_gpu_tokens=10**7)
+            dispatcher.on_statuses(statuses, now)
+        if placed and rng.random() < 0.2:  # a request finishes
+            done = rng.choice(sorted(placed))
+            dispatcher.release(done, now)
+            del placed[done]
+        rid = f"r{k}"
+        result = dispatcher.schedule(Request(request_id=rid, prompt_len=rng.randint(50, 4000)),
+                                     now)
+        placed[rid] = result.instance_id
+    assert len(checked) == 600 and sum(x > 0 for x in checked) > 500

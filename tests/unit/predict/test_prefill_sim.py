@@ -7,7 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from prescient.predict.prefill_sim import _predict_one, predict_computed_prefill_tokens
+from prescient.predict.prefill_sim import (
+    PrefillReplay,
+    _predict_one,
+    predict_computed_prefill_tokens,
+)
 
 NAN = math.nan
 
@@ -202,3 +206,49 @@ def test_vectorised_equals_scalar_with_arrivals() -> None:
     with_arrivals = counts > 0
     assert (vec[with_arrivals] > np.maximum(u[with_arrivals], 0)).sum() > n // 8
     assert (vec <= np.maximum(u, 0) + tokens.sum(axis=1)).all()
+
+
+def test_incremental_replay_equals_replay_from_scratch_on_random_cases() -> None:
+    """Advancing decision by decision, with prompts appended as they are dispatched, gives
+    what a replay from the status gives at every decision, step cap included."""
+    rng = np.random.default_rng(11)
+    n, decisions = 300, 60
+    u = np.where(rng.random(n) < 0.3, 0, rng.integers(-100, 20_000, n)).astype(float)
+    ur = np.where(rng.random(n) < 0.4, rng.integers(0, 9_000, n), 0).astype(float)
+    a = np.where(rng.random(n) < 0.7, rng.uniform(0, 1e-6, n), 0.0)
+    b = rng.uniform(0.0, 0.03, n)
+    c = rng.uniform(-1.0, 20.0, n)
+    a[rng.random(n) < 0.05] = np.nan
+    max_b = rng.choice([256.0, 2048.0, 8192.0], n)
+    replay = PrefillReplay(n, max_iterations=40)
+    replay.reset(np.arange(n), u, ur)
+    arrivals: list[list[tuple[float, float]]] = [[] for _ in range(n)]
+    elapsed = np.full(n, -5.0)
+    for k in range(decisions):
+        elapsed = elapsed + rng.exponential(15.0, n)
+        if k == decisions // 2:  # time goes back on some rows: they start over
+            elapsed[: n // 10] -= 100.0
+        for row in np.flatnonzero(rng.random(n) < 0.3):
+            # dispatched now, or (rarely) earlier than the replay has gone; still ascending
+            at = elapsed[row] - (50.0 if rng.random() < 0.05 else 0.0)
+            at = max([at, *(t for t, _ in arrivals[row])])
+            tokens = 0.0 if rng.random() < 0.1 else float(rng.integers(1, 6_000))
+            arrivals[row].append((at, tokens))
+            replay.append(int(row), [at], [tokens])
+        if k % 17 == 16:  # a refit reprices some rows
+            b = np.where(rng.random(n) < 0.2, b * 1.1, b)
+        got = replay.advance(elapsed, a, b, c, max_b)
+        width = max(len(q) for q in arrivals) + 1
+        at = np.full((n, width), np.inf)
+        tok = np.zeros((n, width))
+        for row, queue in enumerate(arrivals):
+            at[row, :len(queue)] = [t for t, _ in queue]
+            tok[row, :len(queue)] = [x for _, x in queue]
+        fresh = predict_computed_prefill_tokens(elapsed, u, ur, a, b, c, max_b, arrival_ms=at,
+                                                arrival_tokens=tok, max_iterations=40)
+        assert got.tolist() == fresh.tolist(), f"decision {k}"
+        if k % 20 == 19:
+            ref = [_predict_one(elapsed[i], u[i], ur[i], a[i], b[i], c[i], max_b[i],
+                                arrivals=arrivals[i], max_iterations=40) for i in range(n)]
+            assert got.tolist() == ref
+    assert (got > np.maximum(u, 0)).sum() > n // 8  # arrivals were replayed, not just U
