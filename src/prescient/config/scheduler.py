@@ -115,7 +115,12 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
         "are forgotten first.", ge=1)] = 1_000_000
     cache_aware_miss_weight: Annotated[float, Setting(
         CACHE, "What a prompt token missing from an instance's cache counts against a queued "
-        "one in cache_aware_all_prefills_tokens_num (upstream: 1).", gt=0)] = 2.0
+        "one in cache_aware_all_prefills_tokens_num (upstream: 1), on an idle cluster.",
+        gt=0)] = 2.0
+    cache_aware_backlog_tokens: Annotated[float, Setting(
+        CACHE, "The miss weight grows by --cache-aware-miss-weight for each this many prefill "
+        "tokens queued per instance on average (recomputing a prefix delays the whole "
+        "backlog); inf: a fixed weight.", gt=0)] = 4096.0
     cache_aware_balance_abs_threshold: Annotated[float, Setting(
         CACHE, "Balance guard: drop instances with this many more in-flight requests than the "
         "least loaded (and --cache-aware-balance-rel-threshold times as many); inf: off.",

@@ -7,18 +7,26 @@ contiguously from the first token) for prompts of at least `min_tokens`
 chosen instance only the tokens it must compute (`prompt - hit`). Shorter prompts leave the
 column unset: no hit anywhere, the whole prompt is a miss everywhere, so the load metric decides.
 
-Two deliberate departures from upstream's cost, both settings (upstream: weight 1, no guard),
-chosen by bench/cache_aware.py:
+Three deliberate departures from upstream's cost, all settings (upstream: weight 1, no guard,
+ties to the first instance), chosen by bench/cache_aware.py:
 
-- A missed token counts `miss_weight` (2) queued tokens. The request waits for its own miss as
-  for the queue ahead of it, but the miss also spends cluster capacity again (the prefix is
-  recomputed and now cached twice) and, on multi-turn traffic, moves the session's history away
-  from where its next turn would hit. With weight 1 a momentary queue on the instance holding a
-  session drives the session elsewhere, and under load the hit rate collapses.
+- A missed token counts `miss_weight` (2) queued tokens, times `1 + backlog / backlog_tokens`
+  (4096) where `backlog` is the mean prefill tokens queued per instance. The request waits
+  for its own miss as for the queue ahead of it, but the miss also spends cluster capacity
+  again (the prefix is recomputed and now cached twice) and, on multi-turn traffic, moves the
+  session's history away from where its next turn would hit. With weight 1 a momentary queue
+  on the instance holding a session drives the session elsewhere. What the recomputation
+  costs others grows with the backlog: on an idle cluster it delays nobody, on a backlogged
+  one it delays every queued request. A fixed weight of 2 moved sessions off queues near
+  saturation, which fed the queues (bench/cache_aware.py, sessions at 4.25x: 61% prefix hits
+  and 60% SLO attainment with the fixed weight, 75% and 94% with the growing one).
 - The prefill / neutral pipelines drop instances whose in-flight requests exceed the least
   loaded one's by 64 and by 1.5x (`filters.BalanceGuard`, SGLang's imbalance rule): prefix
   affinity alone ignores decode load and would pile a popular prefix's requests onto one
   instance.
+- Equal costs (e.g. a new prompt on idle instances) fall to the least
+  `kv_cache_usage_ratio_projected`, not to the lowest instance id, which would collect every
+  new session of a quiet spell and their later turns with them.
 
 Where the hits come from is a `HitSource`:
 
@@ -54,6 +62,7 @@ from prescient.cache.index import ApproximateIndex, BlockKey, KvIndex
 from prescient.cms.view import ProfilingSample
 from prescient.model import Request
 from prescient.policy.framework import SchedulingContext
+from prescient.policy.metrics import queued_prefill_tokens
 from prescient.policy.state import ClusterState
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default, used when metadata gives none
@@ -199,15 +208,28 @@ class PrefetchedHits:
 class PrefixHits:
     """The cache-aware feature: fills `ctx.prefix_hit_tokens` from a `HitSource`.
 
-    `miss_weight` is what a missed prompt token counts in `cache_aware_all_prefills_tokens_num`
-    against a queued one (upstream: 1).
+    A missed prompt token counts `miss_weight x (1 + backlog / backlog_tokens)` queued ones in
+    `cache_aware_all_prefills_tokens_num`, the backlog being the mean prefill tokens queued
+    per instance (upstream: 1; `backlog_tokens` inf: a fixed `miss_weight`).
     """
 
-    def __init__(self, source: HitSource, min_tokens: int = 0, miss_weight: float = 1.0
-                 ) -> None:
+    def __init__(self, source: HitSource, min_tokens: int = 0, miss_weight: float = 1.0,
+                 backlog_tokens: float = float("inf")) -> None:
+        if backlog_tokens <= 0:
+            raise ValueError("backlog_tokens must be > 0")
         self.source = source
         self.min_tokens = min_tokens
         self.miss_weight = miss_weight
+        self.backlog_tokens = backlog_tokens
+
+    def weight(self, state: ClusterState) -> float:
+        """What one missed token counts now against a queued one."""
+        if not len(state) or self.backlog_tokens == float("inf"):
+            return self.miss_weight
+        # the raw queues: a prediction feature may not have run yet, and the backlog is the
+        # cluster's, not this request's view of it
+        backlog = float(np.maximum(queued_prefill_tokens(state), 0.0).mean())
+        return self.miss_weight * (1.0 + backlog / self.backlog_tokens)
 
     def prepare(self, ctx: SchedulingContext) -> None:
         request, state = ctx.request, ctx.state
@@ -219,7 +241,7 @@ class PrefixHits:
             if row is not None:
                 column[row] = tokens
         ctx.prefix_hit_tokens = column
-        ctx.prefix_miss_weight = self.miss_weight
+        ctx.prefix_miss_weight = self.weight(state)
 
     def on_statuses(self, state: ClusterState, samples: Sequence[ProfilingSample], now: float
                     ) -> None:

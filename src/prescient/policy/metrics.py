@@ -14,7 +14,8 @@ Lower is better unless a metric says otherwise.
 - `kv_cache_hit_len` = ctx.prefix hit tokens; **higher is better**
 - `cache_aware_all_prefills_tokens_num` = ctx.prefix miss weight x ctx.prefix miss tokens +
   `all_prefills_tokens_num`, where the miss is the whole prompt on an instance with no hit
-  (upstream counted 0 there) and the weight is 1 upstream (see `policy/cache_aware.py`)
+  (upstream counted 0 there) and the weight is 1 upstream (here it grows with the cluster's
+  prefill backlog: see `policy/cache_aware.py`)
 - `num_requests` = full: S.waiting + S.loading + S.running + LA.prefill + LA.decode requests;
   lite: router-local requests
 - `all_decodes_tokens_num` = S.hybrid waiting-to-decode + S.waiting-to-decode
@@ -33,6 +34,7 @@ import numpy as np
 
 from prescient.errors import ConfigError
 from prescient.policy.framework import SchedulingContext
+from prescient.policy.state import ClusterState
 
 LITE_METRICS = ("num_requests", "num_tokens", "predicted_decode_tokens")
 
@@ -79,11 +81,15 @@ def _num_waiting_requests(ctx: SchedulingContext) -> np.ndarray:
     return st.s("num_waiting_requests") + st.a("num_inflight_dispatch_requests")
 
 
+def queued_prefill_tokens(st: ClusterState) -> np.ndarray:
+    """`all_prefills_tokens_num` before any prediction: the status's and the account's part."""
+    return (st.s("num_uncomputed_tokens_all_waiting_prefills")
+            + st.s("num_uncomputed_tokens_scheduler_running_prefills")
+            + st.a("num_uncomputed_tokens_inflight_dispatch_prefill_requests"))
+
+
 def _all_prefills_tokens(ctx: SchedulingContext) -> np.ndarray:
-    st = ctx.state
-    tokens = (st.s("num_uncomputed_tokens_all_waiting_prefills")
-              + st.s("num_uncomputed_tokens_scheduler_running_prefills")
-              + st.a("num_uncomputed_tokens_inflight_dispatch_prefill_requests"))
+    tokens = queued_prefill_tokens(ctx.state)
     if ctx.predicted_computed_tokens is not None:
         tokens = tokens - ctx.predicted_computed_tokens
     return tokens

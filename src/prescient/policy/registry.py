@@ -10,8 +10,9 @@ attributes of `DispatchSettings`, i.e. the scheduler flags in snake case).
   `all_prefills_tokens_num` falls through to `decode_batch_size`). With
   `--enable-cache-aware-scheduling`, prefill and neutral legs of prompts of at least
   `--cache-aware-scheduling-min-tokens` rank by `--dispatch-prefill-cache-locality-metric`
-  first and the load metric second, under a balance guard (`_cache_aware_pipeline`,
-  `policy/cache_aware.py`; the router-history index unless the caller swaps it).
+  first, the load metric second and the projected KV usage third, under a balance guard
+  (`_cache_aware_pipeline`, `policy/cache_aware.py`; the router-history index unless the
+  caller swaps it).
 - `load-balance` (lite mode): the least router-local `num_requests` or `num_tokens`.
 - `flood` (full mode): schedulable, fresh, failover; stay on one instance while it can work.
 - `round-robin` (lite): cycles through instances in id order (gateway-local upstream).
@@ -121,6 +122,7 @@ class DispatchSettings(Protocol):
     cache_index_ttl_s: float
     cache_index_max_blocks: int
     cache_aware_miss_weight: float
+    cache_aware_backlog_tokens: float
     cache_aware_balance_abs_threshold: float
     cache_aware_balance_rel_threshold: float
 
@@ -173,7 +175,8 @@ def cache_feature(settings: DispatchSettings) -> PrefixHits:
     index = ApproximateIndex(ttl_s=settings.cache_index_ttl_s,
                              max_blocks=settings.cache_index_max_blocks)
     return PrefixHits(IndexHits(index), min_tokens=settings.cache_aware_scheduling_min_tokens,
-                      miss_weight=settings.cache_aware_miss_weight)
+                      miss_weight=settings.cache_aware_miss_weight,
+                      backlog_tokens=settings.cache_aware_backlog_tokens)
 
 
 def _cache_aware_pipeline(settings: DispatchSettings, load: Metric, threshold: float
@@ -184,7 +187,8 @@ def _cache_aware_pipeline(settings: DispatchSettings, load: Metric, threshold: f
     would have with this request) the soft load threshold is left out: it would drop an
     instance holding the prefix for its load alone, before the hit is weighed, and on the cost
     itself it could only drop instances the cost already ranks behind. A balance guard on
-    in-flight requests keeps affinity from piling requests onto one instance.
+    in-flight requests keeps affinity from piling requests onto one instance. Equal costs and
+    loads fall to the least projected KV usage (decode load), not to the lowest id.
     """
     locality = make_metric(settings.dispatch_prefill_cache_locality_metric)
     filters = _health_filters(settings)
@@ -192,7 +196,8 @@ def _cache_aware_pipeline(settings: DispatchSettings, load: Metric, threshold: f
         filters.append(MetricThreshold(load, threshold, soft=True))
     guard = BalanceGuard(make_metric("num_requests"), settings.cache_aware_balance_abs_threshold,
                          settings.cache_aware_balance_rel_threshold)
-    return Pipeline(filters, MetricSelector([locality, load], settings.dispatch_top_k),
+    tie_break = make_metric("kv_cache_usage_ratio_projected")
+    return Pipeline(filters, MetricSelector([locality, load, tie_break], settings.dispatch_top_k),
                     [Failover(settings.failover_domain), guard])
 
 

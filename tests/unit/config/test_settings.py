@@ -150,6 +150,7 @@ OWN_FLAGS: list[tuple[str, Any, str, Any]] = [
     ("--cache-index-ttl-s", 120.0, "inf", float("inf")),
     ("--cache-index-max-blocks", 1_000_000, "5000", 5000),
     ("--cache-aware-miss-weight", 2.0, "1", 1.0),
+    ("--cache-aware-backlog-tokens", 4096.0, "inf", float("inf")),
     ("--cache-aware-balance-abs-threshold", 64.0, "inf", float("inf")),
     ("--cache-aware-balance-rel-threshold", 1.5, "2", 2.0),
     ("--prefix-caching-hash-algo", "sha256", "sha256_cbor", "sha256_cbor"),
@@ -495,6 +496,7 @@ def test_a_cache_index_other_than_the_router_history_needs_cache_awareness() -> 
 
 
 @pytest.mark.parametrize("bad", ["--cache-index-ttl-s=0", "--cache-aware-miss-weight=0",
+                                 "--cache-aware-backlog-tokens=0",
                                  "--cache-aware-balance-rel-threshold=0.5",
                                  "--cache-index-max-blocks=0", "--prefix-caching-block-size=-1",
                                  "--prefix-caching-hash-algo=md5"])

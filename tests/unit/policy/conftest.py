@@ -43,6 +43,7 @@ class Settings:
     cache_index_ttl_s: float = 120.0
     cache_index_max_blocks: int = 1_000_000
     cache_aware_miss_weight: float = 2.0
+    cache_aware_backlog_tokens: float = 4096.0
     cache_aware_balance_abs_threshold: float = 64.0
     cache_aware_balance_rel_threshold: float = 1.5
 

@@ -211,7 +211,8 @@ def test_cache_aware_pipeline_weighs_the_hit_before_the_load_limit() -> None:
                                  num_uncomputed_tokens_all_waiting_prefills=6500)}, 1.5)
     follow = Request(request_id="c", prompt_len=2500, output_len=5,
                      prompt_token_ids=tuple(range(2000)) + tuple(range(90_000, 90_500)))
-    # costs: holder 2 x 516 + 8500 = 9532, the other 2 x 2500 + 6500 = 11500
+    # a mean backlog of 7500 tokens makes a miss weigh 2 x (1 + 7500 / 4096) = 5.66:
+    # costs: holder 5.66 x 516 + 8500 = 11421, the other 5.66 x 2500 + 6500 = 20650
     assert d.schedule(follow, 1.6).instance_id == first
 
 
@@ -224,3 +225,50 @@ def test_the_guard_overrides_affinity_when_the_holder_is_far_busier() -> None:
     follow = Request(request_id="c", prompt_len=2500, output_len=5,
                      prompt_token_ids=tuple(range(2000)) + tuple(range(90_000, 90_500)))
     assert d.schedule(follow, 1.6).instance_id == other
+
+
+def test_the_miss_weight_grows_with_the_mean_prefill_backlog() -> None:
+    req = prompt("r")
+    feature = cached_on("i1", req)
+    feature.miss_weight, feature.backlog_tokens = 2.0, 4096.0
+    idle = ctx_for(two_instances(0, 0), req)
+    feature.prepare(idle)
+    assert idle.prefix_miss_weight == 2.0
+    busy = ctx_for(two_instances(4096, 12_288), req)  # 8192 queued per instance on average
+    feature.prepare(busy)
+    assert busy.prefix_miss_weight == 2.0 * (1 + 8192 / 4096)
+
+
+def test_a_fixed_weight_without_a_backlog_scale() -> None:
+    req = prompt("r")
+    feature = cached_on("i1", req)
+    feature.miss_weight = 2.0  # backlog_tokens defaults to inf
+    ctx = ctx_for(two_instances(4096, 12_288), req)
+    feature.prepare(ctx)
+    assert ctx.prefix_miss_weight == 2.0
+
+
+def test_under_a_backlog_the_holder_keeps_a_request_a_fixed_weight_would_move() -> None:
+    # 2000-token prompt, 1984 tokens held by i1, whose queue is 8000 tokens longer than i0's
+    req = prompt("r")
+    fixed, growing = cached_on("i1", req), cached_on("i1", req)
+    fixed.miss_weight = growing.miss_weight = 2.0
+    growing.backlog_tokens = 4096.0
+    picks = []
+    for feature in (fixed, growing):
+        ctx = ctx_for(two_instances(6000, 14_000), req)
+        feature.prepare(ctx)
+        picks.append(CACHE_FIRST.select(ctx, np.arange(2)))
+    # fixed: 2 x 2000 + 6000 = 10000 < 2 x 16 + 14000; growing (mean 10000 queued, weight
+    # 6.88): 6.88 x 2000 + 6000 = 19766 > 6.88 x 16 + 14000 = 14110
+    assert picks == [0, 1]
+
+
+def test_equal_costs_go_to_the_least_kv_usage_not_the_first_instance() -> None:
+    d = make_dispatcher("load-balance", CacheSettings(), random.Random(0))
+    md = {i: InstanceMetadata(instance_id=i, block_size=BS) for i in ("i0", "i1", "i2")}
+    d.on_instances(md, 0.0)
+    used = {"i0": 6000, "i1": 1000, "i2": 3000}
+    d.on_statuses({i: status(i, num_used_gpu_tokens=used[i]) for i in md}, 0.1)
+    # nothing cached, nothing queued: every instance costs the same
+    assert d.schedule(prompt("a"), 1.0).instance_id == "i1"
