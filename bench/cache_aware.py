@@ -8,10 +8,12 @@ blocks, 29,205 blocks each) serve two prefix-heavy workloads:
   tokens to the previous prompt + output, output lognormal (median 200, mean 250), think time
   30 s (mean). No prefix is shared across sessions.
 - `mooncake`: a Mooncake-format trace (JSON lines with `hash_ids` of 512-token blocks, loaded
-  by `load_mooncake_jsonl`), generated here because the real trace is not bundled: 400 shared
-  documents / system prompts of 2-24 blocks with Zipf(1.1) popularity; each request is one
-  document followed by 1-4 blocks of its own (the last one partial); output lognormal (median
-  150, mean 200); Poisson arrivals.
+  by `load_mooncake_jsonl`), generated because the real trace is not bundled
+  (`prescient.sim.mooncake_synth`, shaped by the Mooncake paper's published statistics:
+  mean input ~7.6k tokens, mean output 182, ~50% of prompt blocks reusable with an infinite
+  cache): 1,000 shared documents / system prompts (lognormal, mean 9.5 blocks, Zipf(1.1)
+  popularity), each request one document followed by lognormal (mean 7) blocks of its own,
+  the last one partial; Poisson arrivals at 10/s.
 
 Policies: Prescient `load-balance` with `--enable-cache-aware-scheduling` and each index backend
 (`approximate`: router history, TTL 120 s; `kv-events`: the engines' block events, exact;
@@ -64,6 +66,7 @@ from prescient.config.scheduler import SchedulerSettings
 from prescient.model import Request
 from prescient.sim.cluster import ClusterSim, InstanceSpec, SimSettings
 from prescient.sim.metrics import SloSpec, Summary, summarize
+from prescient.sim.mooncake_synth import mooncake_rows
 from prescient.sim.traces import load_mooncake_jsonl
 from prescient.sim.workload import parse_length_spec, rebase, scale_rate, session_workload
 
@@ -125,27 +128,6 @@ def sessions(n: int) -> tuple[Request, ...]:
         think_time=30.0, first_prompt=parse_length_spec("lognormal:mean=3000,median=2000"),
         turn_prompt=parse_length_spec("uniform:100:1000"),
         output=parse_length_spec("lognormal:mean=250,median=200,max=2000"), seed=0)))
-
-
-def mooncake_rows(n: int, seed: int = 0, rate: float = 10.0) -> list[dict[str, object]]:
-    """Mooncake FAST'25 rows: shared documents (Zipf popularity) plus a private tail."""
-    rng = np.random.default_rng(seed)
-    docs = [list(range(1_000_000 * (d + 1), 1_000_000 * (d + 1) + int(k)))
-            for d, k in enumerate(rng.integers(2, 25, size=400))]
-    weights = 1.0 / np.arange(1, len(docs) + 1) ** 1.1
-    picks = rng.choice(len(docs), size=n, p=weights / weights.sum())
-    gaps = rng.exponential(1000.0 / rate, size=n)
-    outputs = np.clip(rng.lognormal(np.log(150), np.sqrt(2 * np.log(200 / 150)), n), 1, 2000)
-    rows, next_id, t = [], 0, 0.0
-    for i in range(n):
-        t += gaps[i]
-        own = int(rng.integers(1, 5))
-        ids = docs[picks[i]] + list(range(next_id, next_id + own))
-        next_id += own
-        rows.append({"timestamp": round(float(t), 3),
-                     "input_length": len(ids) * 512 - int(rng.integers(1, 512)),
-                     "output_length": int(outputs[i]), "hash_ids": ids})
-    return rows
 
 
 @functools.cache
