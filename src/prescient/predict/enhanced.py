@@ -40,6 +40,7 @@ request count, priced for the replay through its quadratic approximation).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,11 +49,14 @@ from prescient.policy.account import LocalAccount
 from prescient.policy.framework import SchedulingContext
 from prescient.policy.state import INFER_CODES, ClusterState
 from prescient.predict.bank import ProfilingSampleLike
+from prescient.predict.decode_aware import DecodeAwareStepTime
 from prescient.predict.prefill_sim import PrefillReplay
 from prescient.predict.quadratic import PredictorBank
 from prescient.predict.structural import StructuralBank
 
 _DECODE = INFER_CODES[InferType.DECODE]  # every other instance computes prefills
+_DECODES = "scheduler_running_to_decode_requests_num"
+_DECODE_TOKENS = "scheduler_running_to_decode_tokens_num"
 
 
 class PredictorEnhancement:
@@ -63,17 +67,21 @@ class PredictorEnhancement:
         max_num_batched_tokens: tokens per step where an instance reports none.
         account: the dispatcher's local account, whose in-flight prefills are replayed behind
             each status's backlog; None replays the statuses alone.
+        decode_aware: price each replayed step with the instance's decode batch
+            (`DecodeAwareStepTime`, once fitted) and leave the decodes their share of the
+            chunk budget; False prices steps with the bank's model alone, as upstream.
     """
 
     def __init__(self, bank: PredictorBank | StructuralBank, max_num_batched_tokens: int,
-                 account: LocalAccount | None = None) -> None:
+                 account: LocalAccount | None = None, *, decode_aware: bool = True) -> None:
         if max_num_batched_tokens <= 0:
             raise ValueError("--max-num-batched-tokens must be > 0")
         self.bank = bank
         self.max_num_batched_tokens = max_num_batched_tokens
         self.account = account
-        self._cache: tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
-        self._cache = None
+        self.decode_aware = decode_aware
+        self._decode_models: dict[str, DecodeAwareStepTime] = {}
+        self._cache: _Coefficients | None = None
         self._replay = _Replay((), account)
 
     def on_statuses(self, state: ClusterState, samples: Sequence[ProfilingSampleLike],
@@ -81,13 +89,33 @@ class PredictorEnhancement:
         if samples:
             self.bank.add_all(samples)
             self.bank.maybe_refit_all()
+            if self.decode_aware:
+                self._add_decode_samples(state, samples)
             self._cache = None
+
+    def _add_decode_samples(self, state: ClusterState,
+                            samples: Sequence[ProfilingSampleLike]) -> None:
+        """Pair each sample with the decode load of the status it came with (the state row
+        was just set from it), one model per bank key (shared or per instance)."""
+        decodes, context = state.s(_DECODES), state.s(_DECODE_TOKENS)
+        for sample in samples:
+            row = state.index.get(sample.instance_id)
+            if row is None or not state.has_status[row]:
+                continue
+            key = "" if self.bank.shared else sample.instance_id
+            model = self._decode_models.get(key)
+            if model is None:
+                model = self._decode_models[key] = DecodeAwareStepTime()
+            model.add(sample.num_scheduled_prefill_tokens, decodes[row], context[row],
+                      sample.step_duration_ms)
+        for model in self._decode_models.values():
+            model.refit()
 
     def prepare(self, ctx: SchedulingContext) -> None:
         st = ctx.state
         if not len(st):
             return
-        _, a, b, c, max_batched = self._coefficients(st)
+        a, b, c, max_batched = self._priced(st)
         stamped_ms = st.s("timestamp_ms")
         elapsed_ms = ctx.now * 1000.0 - stamped_ms
         replayed = st.has_status & (st.infer_type != _DECODE) & (elapsed_ms > 0)
@@ -98,15 +126,45 @@ class PredictorEnhancement:
         ctx.predicted_computed_tokens = self._replay.replay.advance(
             elapsed_ms, a, b, c, max_batched).astype(float)
 
-    def _coefficients(self, st: ClusterState
-                      ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per-row coefficients and chunk budgets, rebuilt only when fits or instances change."""
-        if self._cache is None or (self._cache[0] is not st.ids and self._cache[0] != st.ids):
+    def _priced(self, st: ClusterState) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray]:
+        """Per row: the step time `a x² + b x + c` (ms) at the decode load of its status, and
+        the tokens a step has for prefills (the engine's budget less one per decode)."""
+        co = self._coefficients(st)
+        if not self.decode_aware:
+            return co.a, co.b, co.c, co.budgets
+        decodes = np.nan_to_num(st.s(_DECODES))
+        c = co.c + co.e * decodes + co.f * np.nan_to_num(st.s(_DECODE_TOKENS))
+        return co.a, co.b, c, np.maximum(co.budgets - decodes, 1.0)
+
+    def _coefficients(self, st: ClusterState) -> _Coefficients:
+        """Per-row coefficients and chunk budgets, rebuilt only when fits or instances change.
+
+        A row takes its decode-aware fit where there is one, the bank's model otherwise
+        (decode terms 0).
+        """
+        if self._cache is None or (self._cache.ids is not st.ids and self._cache.ids != st.ids):
             a, b, c = self.bank.coefficient_arrays(st.ids)
+            e, f = np.zeros(len(st)), np.zeros(len(st))
+            for row, instance_id in enumerate(st.ids):
+                model = self._decode_models.get("" if self.bank.shared else instance_id)
+                fit = None if model is None else model.coefficients
+                if fit is not None:
+                    a[row], b[row], c[row], e[row], f[row] = fit
             budgets = np.array([m.max_num_batched_tokens or self.max_num_batched_tokens
                                 for m in st.metadata], float)
-            self._cache = (st.ids, a, b, c, budgets)
+            self._cache = _Coefficients(st.ids, a, b, c, e, f, budgets)
         return self._cache
+
+
+class _Coefficients(NamedTuple):
+    ids: tuple[str, ...]
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+    e: np.ndarray  # ms per decode request
+    f: np.ndarray  # ms per decode context token
+    budgets: np.ndarray
 
 
 class _Replay:
