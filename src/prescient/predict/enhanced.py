@@ -50,7 +50,11 @@ from prescient.policy.framework import SchedulingContext
 from prescient.policy.state import INFER_CODES, ClusterState
 from prescient.predict.bank import ProfilingSampleLike
 from prescient.predict.decode_aware import DecodeAwareStepTime
-from prescient.predict.prefill_sim import PrefillReplay
+from prescient.predict.prefill_sim import (
+    MAX_PREDICTED_STEP_MS,
+    MIN_PREDICTED_STEP_MS,
+    PrefillReplay,
+)
 from prescient.predict.quadratic import PredictorBank
 from prescient.predict.structural import StructuralBank
 
@@ -122,7 +126,7 @@ class PredictorEnhancement:
         elapsed_ms = np.where(replayed, elapsed_ms, 0.0)
         if self._replay.ids is not st.ids and self._replay.ids != st.ids:
             self._replay = _Replay(st.ids, self.account)
-        self._replay.sync(st, stamped_ms)
+        self._replay.sync(st, stamped_ms, (a, b, c, max_batched))
         ctx.predicted_computed_tokens = self._replay.replay.advance(
             elapsed_ms, a, b, c, max_batched).astype(float)
 
@@ -185,7 +189,8 @@ class _Replay:
         self._loaded = np.zeros(n, np.int64)  # arrivals loaded per row
         self._serial = -1 if account is None else account.prefill_serial()
 
-    def sync(self, st: ClusterState, stamped_ms: np.ndarray) -> None:
+    def sync(self, st: ClusterState, stamped_ms: np.ndarray,
+             priced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
         running = st.s("num_uncomputed_tokens_scheduler_running_prefills")
         backlog = st.s("num_uncomputed_tokens_all_waiting_prefills") + running
         status = np.vstack([stamped_ms, backlog, running])
@@ -193,7 +198,8 @@ class _Replay:
         changed = np.flatnonzero(~same.all(axis=0))
         self._status = status
         if changed.size:
-            self.replay.reset(changed, backlog[changed], running[changed])
+            head = _head_start(st, changed, backlog, running, priced)
+            self.replay.reset(changed, backlog[changed], running[changed], head)
             self._loaded[changed] = 0
             for row in changed.tolist():
                 self._epoch[row] = -2
@@ -207,21 +213,44 @@ class _Replay:
         rows.update(index[i] for i in account.prefill_changes(self._serial) if i in index)
         self._serial = account.prefill_serial()
         for row in rows:
-            self._load(row, account.prefill_log(self.ids[row]), stamped_ms[row],
-                       backlog[row], running[row])
+            self._load(row, account.prefill_log(self.ids[row]), stamped_ms[row])
 
-    def _load(self, row: int, log: tuple[int, list[float], list[float]], stamped_ms: float,
-              backlog: float, running: float) -> None:
+    def _load(self, row: int, log: tuple[int, list[float], list[float]], stamped_ms: float
+              ) -> None:
         epoch, times, tokens = log
         start = int(self._loaded[row])
         if start and (epoch != self._epoch[row] or len(times) < start):
             # not an append: replay the row again from its status. (Arrivals read after an
             # empty load are all new since the last advance, whatever the epoch, so they
             # append: `PrefillReplay.append` rewinds by itself if one is not.)
-            self.replay.reset([row], [backlog], [running])
+            self.replay.clear_arrivals([row])
             start = 0
         if len(times) > start:
             at = np.array(times[start:], np.float64) * 1000.0 - stamped_ms
             self.replay.append(row, at, tokens[start:])
         self._loaded[row] = len(times)
         self._epoch[row] = epoch
+
+
+def _head_start(st: ClusterState, rows: np.ndarray, backlog: np.ndarray, running: np.ndarray,
+                priced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per row of `rows`: how far into its first replayed step the instance probably was when
+    its status was taken (ms).
+
+    An engine produces its status when it schedules a step, and the status is read some time
+    into that step: uniformly, as far as the scheduler can tell, so half the step on average.
+    Starting the replay's first step at the status instead (upstream) shifts every step of the
+    replay late by that much, which under-predicts what an instance with a long chunk in flight
+    computes by up to a whole chunk. Rows whose status shows no prefill tokens scheduled in the
+    step (`running - unallocated`) start at the status: no prefill step is in flight.
+    """
+    a, b, c, max_b = (v[rows] for v in priced)
+    ur, u = running[rows], np.maximum(backlog[rows], 0.0)
+    scheduled = ur - st.s("num_unallocated_tokens_scheduler_running_prefills")[rows]
+    batch = np.where((ur > 0) & (ur < max_b), ur, np.minimum(u, max_b))
+    with np.errstate(over="ignore", invalid="ignore"):
+        step_ms = a * batch * batch + b * batch + c
+    usable = (scheduled > 0) & (step_ms >= MIN_PREDICTED_STEP_MS) & (
+        step_ms <= MAX_PREDICTED_STEP_MS)
+    return np.where(usable, step_ms / 2.0, 0.0)
+

@@ -130,6 +130,7 @@ class PrefillReplay:
         self.n = n
         self.max_iterations = max_iterations
         self._backlog = np.zeros(n)
+        self._head_start = np.zeros(n)  # ms of the first step done before the status
         self._running_at_status = np.zeros(n)
         self._running = np.zeros(n)  # the running chunk left, until a step consumes it
         self._clock = np.zeros(n)  # ms after the status at which the next step begins
@@ -153,13 +154,24 @@ class PrefillReplay:
         self._at = np.full((n, 1), np.inf)
         self._before = np.zeros((n, 1))
 
-    def reset(self, rows: ArrayLike, uncomputed: ArrayLike, running_uncomputed: ArrayLike
-              ) -> None:
+    def reset(self, rows: ArrayLike, uncomputed: ArrayLike, running_uncomputed: ArrayLike,
+              head_start_ms: ArrayLike = 0.0) -> None:
         """Start `rows` over from a status: its backlog `U`, its running chunk `Ur`, no
-        arrivals (a negative backlog counts as 0: it would un-compute the arrivals)."""
+        arrivals (a negative backlog counts as 0: it would un-compute the arrivals).
+
+        `head_start_ms`: how long the first step had been running when the status was taken
+        (the replay's first step begins that long before the status; 0 for upstream's replay,
+        which starts a step at the status).
+        """
         rows = np.asarray(rows, np.int64)
+        self._head_start[rows] = np.maximum(np.nan_to_num(head_start_ms), 0.0)
         self._backlog[rows] = np.maximum(uncomputed, 0.0)
         self._running_at_status[rows] = running_uncomputed
+        self.clear_arrivals(rows)
+
+    def clear_arrivals(self, rows: ArrayLike) -> None:
+        """Drop `rows`' arrivals and start them over from their status."""
+        rows = np.asarray(rows, np.int64)
         self._count[rows] = 0
         self._at[rows] = np.inf
         self._before[rows] = 0.0
@@ -226,7 +238,7 @@ class PrefillReplay:
         fitted = np.isfinite(priced[:3]).all(axis=0)
         total = self._backlog + self._before[np.arange(n), self._count]
         in_flight = np.zeros(n)  # tokens of the step in flight at `elapsed`, apportioned
-        active = np.flatnonzero(fitted & ~self._void & (self._clock < elapsed)
+        active = np.flatnonzero(fitted & ~self._void & (elapsed > 0) & (self._clock < elapsed)
                                 & (self._computed < total)
                                 & (self._iterations < self.max_iterations))
         active = self._finish_pending(active, elapsed, total, in_flight)
@@ -263,7 +275,7 @@ class PrefillReplay:
         """Forget the steps simulated for `rows`; their status and arrivals stay."""
         self._pend_ms[rows] = np.nan
         self._running[rows] = self._running_at_status[rows]
-        self._clock[rows] = 0.0
+        self._clock[rows] = -self._head_start[rows]
         self._computed[rows] = 0.0
         self._iterations[rows] = 0
         self._void[rows] = False

@@ -224,3 +224,21 @@ def test_the_kept_replay_equals_a_fresh_one_through_dispatches_polls_and_release
                                      now)
         placed[rid] = result.instance_id
     assert len(checked) == 600 and sum(x > 0 for x in checked) > 500
+
+
+@pytest.mark.parametrize(("unallocated", "expected"), [
+    (0, 1000),  # its 1000 tokens are in the step in flight, half done on average: ends at 10 ms
+    (1000, 500),  # nothing of it scheduled yet: the step starts at the status (20 ms)
+])
+def test_a_step_in_flight_at_the_status_is_half_done(unallocated: int, expected: int) -> None:
+    feature = PredictorEnhancement(PredictorBank(20, shared=True), max_num_batched_tokens=8192)
+    st = ClusterState([InstanceMetadata(instance_id="i0")])
+    st.set_status(0, InstanceStatus(
+        instance_id="i0", timestamp_ms=0, update_id=1,
+        num_uncomputed_tokens_scheduler_running_prefills=1000,
+        num_unallocated_tokens_scheduler_running_prefills=unallocated,
+        num_total_gpu_tokens=100_000))
+    feature.on_statuses(st, linear_samples("i0"), 0.0)
+    ctx = SchedulingContext(Request(request_id="r", prompt_len=10), st, 0.010, random.Random(0))
+    feature.prepare(ctx)
+    assert ctx.predicted_computed_tokens[0] == expected

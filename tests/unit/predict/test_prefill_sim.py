@@ -220,8 +220,9 @@ def test_incremental_replay_equals_replay_from_scratch_on_random_cases() -> None
     c = rng.uniform(-1.0, 20.0, n)
     a[rng.random(n) < 0.05] = np.nan
     max_b = rng.choice([256.0, 2048.0, 8192.0], n)
+    head = np.where(rng.random(n) < 0.3, rng.uniform(0, 30, n), 0.0)
     replay = PrefillReplay(n, max_iterations=40)
-    replay.reset(np.arange(n), u, ur)
+    replay.reset(np.arange(n), u, ur, head)
     arrivals: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     elapsed = np.full(n, -5.0)
     for k in range(decisions):
@@ -244,11 +245,29 @@ def test_incremental_replay_equals_replay_from_scratch_on_random_cases() -> None
         for row, queue in enumerate(arrivals):
             at[row, :len(queue)] = [t for t, _ in queue]
             tok[row, :len(queue)] = [x for _, x in queue]
-        fresh = predict_computed_prefill_tokens(elapsed, u, ur, a, b, c, max_b, arrival_ms=at,
-                                                arrival_tokens=tok, max_iterations=40)
-        assert got.tolist() == fresh.tolist(), f"decision {k}"
-        if k % 20 == 19:
+        fresh = PrefillReplay(n, max_iterations=40)
+        fresh.reset(np.arange(n), u, ur, head)
+        fresh.set_arrivals(at, tok)
+        assert got.tolist() == fresh.advance(elapsed, a, b, c, max_b).tolist(), f"decision {k}"
+        if k % 20 == 19:  # the function and the scalar reference start at the status
+            plain = head == 0
+            vec = predict_computed_prefill_tokens(elapsed, u, ur, a, b, c, max_b,
+                                                  arrival_ms=at, arrival_tokens=tok,
+                                                  max_iterations=40)
             ref = [_predict_one(elapsed[i], u[i], ur[i], a[i], b[i], c[i], max_b[i],
                                 arrivals=arrivals[i], max_iterations=40) for i in range(n)]
-            assert got.tolist() == ref
+            assert got[plain].tolist() == vec[plain].tolist() == np.array(ref)[plain].tolist()
     assert (got > np.maximum(u, 0)).sum() > n // 8  # arrivals were replayed, not just U
+
+
+def test_a_head_start_moves_every_step_earlier_and_nothing_before_the_status() -> None:
+    # 3000 tokens, 1000-token steps of 15 ms; the first began 6 ms before the status
+    replay = PrefillReplay(2)
+    replay.reset([0, 1], [3000, 3000], [0, 0], [6.0, 0.0])
+    replay.set_arrivals([[0.0], [0.0]], [[500.0], [500.0]])  # rewinds: head starts stay
+    out = replay.advance([9.0, 9.0], *LINEAR, 1000).tolist()
+    assert out == [1000, 600]  # the first step just ended; without the head start 9/15 of it
+    assert replay.advance([0.0, 0.0], *LINEAR, 1000).tolist() == [0, 0]  # no time: nothing
+    # the arrival (at the status) waits for the step in flight, as it would at the engine
+    # (500 tokens take 10 ms: 39-49 ms with the head start, 45-55 ms without)
+    assert replay.advance([54.0, 54.0], *LINEAR, 1000).tolist() == [3500, 3000 + 450]
