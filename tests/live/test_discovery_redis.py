@@ -205,3 +205,25 @@ def test_redis_outage_keeps_the_last_set_and_recovers(caplog: pytest.LogCaptureF
     messages = [r.getMessage() for r in caplog.records]
     assert sum("unreachable" in m for m in messages) == 1
     assert sum("reachable again" in m for m in messages) == 1
+
+
+def test_the_discovery_redis_db_flag_reaches_registrar_and_resolver() -> None:
+    from prescient.config.scheduler import load_scheduler_settings
+    from prescient.discovery.factory import make_registrar, make_resolver
+
+    async def main(target: RedisTarget) -> None:
+        settings = load_scheduler_settings([
+            "--llm-backend-discovery", "redis", "--discovery-redis-host", target.host,
+            "--discovery-redis-port", str(target.port),
+            "--discovery-redis-db", str(target.db)], {})
+        res, reg = make_resolver(settings), make_registrar(settings, "pod-db")
+        await res.start()
+        await reg.publish([inst("pod-db", 0)])
+        await wait_until(lambda: ids(res.instances()) == ["pod-db_dp0"], "pod-db registered")
+        assert decode_pod(target_get(target, "llumnix:discovery:pod-db")).pod_name == "pod-db"
+        await reg.close()
+        await res.close()
+
+    with shared_redis() as target:
+        assert target.db != 0  # the record must land in the chosen database, not the default
+        asyncio.run(main(target))

@@ -32,6 +32,8 @@ class DiscoveryStoreSettings(msgspec.Struct, frozen=True, kw_only=True,
     discovery_redis_host: Annotated[str, Setting(DISCOVERY, "Discovery Redis host.")] = "redis"
     discovery_redis_port: Annotated[int, Setting(DISCOVERY, "Discovery Redis port.", **PORT)] = (
         6379)
+    discovery_redis_db: Annotated[int, Setting(
+        DISCOVERY, "Discovery Redis database (e.g. to share a Redis with the CMS).", ge=0)] = 0
     discovery_redis_username: Annotated[str, Setting(DISCOVERY, "Discovery Redis username.")] = ""
     discovery_redis_password: Annotated[str, Setting(
         DISCOVERY, "Discovery Redis password.", secret=True)] = ""

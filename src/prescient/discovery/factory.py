@@ -21,6 +21,7 @@ class RegistrarSettings(Protocol):
     llm_backend_discovery: str
     discovery_redis_host: str
     discovery_redis_port: int
+    discovery_redis_db: int
     discovery_redis_username: str
     discovery_redis_password: str
     discovery_redis_socket_timeout: float
@@ -59,7 +60,7 @@ def make_resolver(settings: ResolverSettings) -> Resolver:
 
         return RedisResolver(
             settings.discovery_redis_host, settings.discovery_redis_port,
-            username=settings.discovery_redis_username,
+            db=settings.discovery_redis_db, username=settings.discovery_redis_username,
             password=settings.discovery_redis_password,
             timeout_s=settings.discovery_redis_socket_timeout,
             retry_times=settings.discovery_redis_retry_times,
@@ -90,7 +91,7 @@ def make_registrar(settings: RegistrarSettings, pod_name: str) -> Registrar:
 
         return RedisRegistrar(
             settings.discovery_redis_host, settings.discovery_redis_port, pod_name,
-            username=settings.discovery_redis_username,
+            db=settings.discovery_redis_db, username=settings.discovery_redis_username,
             password=settings.discovery_redis_password,
             timeout_s=settings.discovery_redis_socket_timeout,
             retry_times=settings.discovery_redis_retry_times)
