@@ -105,6 +105,7 @@ CODE_FLAGS: list[tuple[str, Any, str, Any]] = [
      ("10.0.0.1:8000", "10.0.0.2:8000")),
     ("--discovery-redis-host", "redis", "disc", "disc"),
     ("--discovery-redis-port", 6379, "6380", 6380),
+    ("--discovery-redis-db", 0, "3", 3),
     ("--discovery-redis-username", "", "bob", "bob"),
     ("--discovery-redis-password", "", "pw", "pw"),
     ("--discovery-redis-socket-timeout", 1.0, "0.5", 0.5),

@@ -17,7 +17,7 @@ POD = ["--pod-name", "pod-1", "--engine-endpoints", "127.0.0.1:8001,127.0.0.1:80
 def test_discovery_flags_match_the_schedulers() -> None:
     ours = {o.name: o for o in describe(DiscoveryAgentSettings) if o.name.startswith("discovery_")}
     theirs = {o.name: o for o in describe(SchedulerSettings)}
-    assert len(ours) == 11
+    assert len(ours) == 12
     for name, opt in ours.items():
         assert (opt.flag, opt.kind, opt.default, opt.setting.secret) == (
             theirs[name].flag, theirs[name].kind, theirs[name].default,
