@@ -4,8 +4,9 @@ bench/dispatch_latency.py measures `SchedulerSettings()` defaults, where predict
 runs its same synthetic cluster and driver (1 ms between calls, 300 requests in flight, a poll
 every 500 calls) twice per N: with the defaults, and with `enable_predictor_enhanced_scheduling`
 and a fitted step-time model (30 profiling samples of `10 + 0.024 x` ms for x prompt tokens, a
-shared quadratic bank), so every decision replays every instance's status backlog and local
-account. Run it on two checkouts in one go to compare before and after a change:
+shared quadratic bank), so every decision brings every instance's prefill replay (status backlog
+and local account) up to its time. Run it on two checkouts in one go to compare before and after
+a change:
 
     .venv/bin/python bench/dispatch_latency_predict.py
     PYTHONPATH=/tmp/old/src .venv/bin/python bench/dispatch_latency_predict.py

@@ -30,7 +30,14 @@ The replay is kept between decisions (`PrefillReplay`): each dispatch continues 
 instance's replay from where the last one left it, and an instance starts over only when its
 status changes or its in-flight prompts change other than by a new dispatch (the account's
 `prefill_changes` journal says which did, so a decision does not look at every instance).
-The predictions are those of a replay from scratch.
+The predictions are those of a replay from scratch. Statuses reach the feature through
+`on_statuses` (the dispatcher calls it after every poll), which is when they are compared.
+
+Each replayed step is priced at the instance's decode load (beyond upstream): the profiling
+samples are paired with the decode requests and context tokens of the status they came with and
+fitted as `DecodeAwareStepTime`, used per instance at its status's decode load once fitted
+(the bank's model before), and the decodes keep one token each of the step's budget. A status
+read while a prefill step is in flight counts that step as half done (`_head_start`).
 
 The bank is upstream's quadratic `PredictorBank` or, with `--step-predictor structural`, a
 `StructuralBank` (NexusSched's model, fed `B = 1` per profiling sample since samples carry no
@@ -86,10 +93,13 @@ class PredictorEnhancement:
         self.decode_aware = decode_aware
         self._decode_models: dict[str, DecodeAwareStepTime] = {}
         self._cache: _Coefficients | None = None
+        self._price_cache: tuple[tuple[str, ...], tuple[np.ndarray, ...]] | None = None
         self._replay = _Replay((), account)
 
     def on_statuses(self, state: ClusterState, samples: Sequence[ProfilingSampleLike],
                     now: float) -> None:
+        self._price_cache = None  # new statuses: new decode loads
+        self._replay.polled = True
         if samples:
             self.bank.add_all(samples)
             self.bank.maybe_refit_all()
@@ -119,7 +129,7 @@ class PredictorEnhancement:
         st = ctx.state
         if not len(st):
             return
-        a, b, c, max_batched = self._priced(st)
+        a, b, c, max_batched = self._prices(st)
         stamped_ms = st.s("timestamp_ms")
         elapsed_ms = ctx.now * 1000.0 - stamped_ms
         replayed = st.has_status & (st.infer_type != _DECODE) & (elapsed_ms > 0)
@@ -130,16 +140,24 @@ class PredictorEnhancement:
         ctx.predicted_computed_tokens = self._replay.replay.advance(
             elapsed_ms, a, b, c, max_batched).astype(float)
 
-    def _priced(self, st: ClusterState) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+    def _prices(self, st: ClusterState) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                   np.ndarray]:
         """Per row: the step time `a x² + b x + c` (ms) at the decode load of its status, and
-        the tokens a step has for prefills (the engine's budget less one per decode)."""
+        the tokens a step has for prefills (the engine's budget less one per decode).
+
+        Statuses change only with a poll (`on_statuses`) or a new instance set, so the arrays
+        are kept until then; `PrefillReplay` then recognises them without comparing values.
+        """
+        if self._price_cache is not None and self._price_cache[0] is st.ids:
+            return self._price_cache[1]
         co = self._coefficients(st)
-        if not self.decode_aware:
-            return co.a, co.b, co.c, co.budgets
-        decodes = np.nan_to_num(st.s(_DECODES))
-        c = co.c + co.e * decodes + co.f * np.nan_to_num(st.s(_DECODE_TOKENS))
-        return co.a, co.b, c, np.maximum(co.budgets - decodes, 1.0)
+        prices = (co.a, co.b, co.c, co.budgets)
+        if self.decode_aware:
+            decodes = np.nan_to_num(st.s(_DECODES))
+            c = co.c + co.e * decodes + co.f * np.nan_to_num(st.s(_DECODE_TOKENS))
+            prices = (co.a, co.b, c, np.maximum(co.budgets - decodes, 1.0))
+        self._price_cache = (st.ids, prices)
+        return prices
 
     def _coefficients(self, st: ClusterState) -> _Coefficients:
         """Per-row coefficients and chunk budgets, rebuilt only when fits or instances change.
@@ -185,18 +203,22 @@ class _Replay:
         self.account = account
         self.replay = PrefillReplay(n)
         self._status = np.full((3, n), np.nan)  # stamp, backlog, running chunk of each row
+        self.polled = True  # statuses may have changed since the last sync
         self._epoch = [-2] * n  # the account epoch of the arrivals loaded; -2: none read
         self._loaded = np.zeros(n, np.int64)  # arrivals loaded per row
         self._serial = -1 if account is None else account.prefill_serial()
 
     def sync(self, st: ClusterState, stamped_ms: np.ndarray,
              priced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
-        running = st.s("num_uncomputed_tokens_scheduler_running_prefills")
-        backlog = st.s("num_uncomputed_tokens_all_waiting_prefills") + running
-        status = np.vstack([stamped_ms, backlog, running])
-        same = (status == self._status) | (np.isnan(status) & np.isnan(self._status))
-        changed = np.flatnonzero(~same.all(axis=0))
-        self._status = status
+        changed = np.zeros(0, np.int64)
+        if self.polled:  # statuses change with polls only (`on_statuses`)
+            self.polled = False
+            running = st.s("num_uncomputed_tokens_scheduler_running_prefills")
+            backlog = st.s("num_uncomputed_tokens_all_waiting_prefills") + running
+            status = np.vstack([stamped_ms, backlog, running])
+            same = (status == self._status) | (np.isnan(status) & np.isnan(self._status))
+            changed = np.flatnonzero(~same.all(axis=0))
+            self._status = status
         if changed.size:
             head = _head_start(st, changed, backlog, running, priced)
             self.replay.reset(changed, backlog[changed], running[changed], head)
@@ -207,8 +229,8 @@ class _Replay:
             return
         account = self.account
         # a reset row with prompts in flight reads them all; any other row only if it changed
-        inflight = st.a("num_inflight_dispatch_prefill_requests")
-        rows = set(changed[inflight[changed] > 0].tolist())
+        inflight = st.a("num_inflight_dispatch_prefill_requests")[changed]
+        rows = set(changed[inflight > 0].tolist())
         index = st.index
         rows.update(index[i] for i in account.prefill_changes(self._serial) if i in index)
         self._serial = account.prefill_serial()

@@ -48,6 +48,7 @@ from numpy.typing import ArrayLike
 MIN_PREDICTED_STEP_MS = 1e-3  # a predicted step outside [MIN, MAX] voids the prediction
 MAX_PREDICTED_STEP_MS = 1e6
 DEFAULT_MAX_ITERATIONS = 10_000  # steps simulated per instance at most
+SCALAR_ROWS = 8  # a replay advancing at most this many rows steps them one by one in Python
 
 
 def _round_half_away(x: np.ndarray) -> np.ndarray:
@@ -129,6 +130,7 @@ class PrefillReplay:
     def __init__(self, n: int, *, max_iterations: int = DEFAULT_MAX_ITERATIONS) -> None:
         self.n = n
         self.max_iterations = max_iterations
+        self.scalar_rows = SCALAR_ROWS
         self._backlog = np.zeros(n)
         self._head_start = np.zeros(n)  # ms of the first step done before the status
         self._running_at_status = np.zeros(n)
@@ -139,6 +141,7 @@ class PrefillReplay:
         self._void = np.zeros(n, bool)  # a step priced outside the sane range: predicts 0
         self._horizon = np.zeros(n)  # the `elapsed` of the last advance
         self._priced = np.full((4, n), np.nan)  # a, b, c and chunk budget of the last advance
+        self._price_args: tuple[ArrayLike, ...] | None = None  # the arguments they came from
         # the step in flight at the last advance: it began at `_pend_start` (the clock, or
         # the arrival an idle row waited for), batches `_pend_batch` tokens (the running chunk
         # if `_pend_chunk`) and takes `_pend_ms` (NaN: none). Kept so that a decision inside
@@ -227,13 +230,14 @@ class PrefillReplay:
         if elapsed.shape != (n,):
             raise ValueError("elapsed_ms must have one value per row")
         elapsed[np.isnan(elapsed)] = 0.0
-        priced = np.vstack([np.broadcast_to(np.asarray(v, np.float64), (n,))
-                            for v in (a, b, c, _max_batched(max_num_batched_tokens, n))])
-        same = (priced == self._priced) | (np.isnan(priced) & np.isnan(self._priced))
-        stale = ~same.all(axis=0) | (elapsed < self._horizon)
+        priced = self._price(a, b, c, max_num_batched_tokens)
+        stale = elapsed < self._horizon
+        if priced is not self._priced:
+            same = (priced == self._priced) | (np.isnan(priced) & np.isnan(self._priced))
+            stale |= ~same.all(axis=0)
         if stale.any():
             self._rewind(np.flatnonzero(stale))
-            self._priced[:, stale] = priced[:, stale]
+        self._priced = priced
         self._horizon = elapsed
         fitted = np.isfinite(priced[:3]).all(axis=0)
         total = self._backlog + self._before[np.arange(n), self._count]
@@ -242,16 +246,33 @@ class PrefillReplay:
                                 & (self._computed < total)
                                 & (self._iterations < self.max_iterations))
         active = self._finish_pending(active, elapsed, total, in_flight)
+        if active.size <= self.scalar_rows:
+            for row in active.tolist():
+                self._run_row(row, elapsed, priced, total, in_flight)
+            active = active[:0]
         while active.size:
             active = self._step(active, elapsed, priced, total, in_flight)
         predicted = np.clip(self._computed + in_flight, 0, total)
         return np.where(self._void, 0, predicted).astype(np.int64)
 
+    def _price(self, a: ArrayLike, b: ArrayLike, c: ArrayLike, max_b: ArrayLike) -> np.ndarray:
+        """The (4, n) step-time coefficients and budgets; the kept array when the caller
+        passes the very arrays of the last call (it must not modify them in place: new values
+        come in new arrays, which are compared element by element)."""
+        args = (a, b, c, max_b)
+        if self._price_args is not None and all(
+                x is y for x, y in zip(args, self._price_args, strict=True)):
+            return self._priced
+        self._price_args = args
+        return np.vstack([np.broadcast_to(np.asarray(v, np.float64), (self.n,))
+                          for v in (a, b, c, _max_batched(max_b, self.n))])
+
     def _finish_pending(self, active: np.ndarray, elapsed: np.ndarray, total: np.ndarray,
                         in_flight: np.ndarray) -> np.ndarray:
         """Apportion or complete the kept steps in flight of `active`; returns the rows that
         need simulating (the arithmetic is `_step`'s, so the results are the same)."""
-        pend = active[np.isfinite(self._pend_ms[active])]
+        kept = np.isfinite(self._pend_ms[active])
+        pend = active[kept]
         if not pend.size:
             return active
         start, d = self._pend_start[pend], self._pend_ms[pend]
@@ -267,9 +288,52 @@ class PrefillReplay:
         self._pend_ms[done] = np.nan
         busy = done[(self._clock[done] < elapsed[done]) & (self._computed[done] < total[done])
                     & (self._iterations[done] < self.max_iterations)]
-        rest = active[np.isnan(self._pend_ms[active])]
-        rest = rest[~np.isin(rest, done)]
-        return np.concatenate([rest, busy])
+        return np.concatenate([active[~kept], busy])
+
+    def _run_row(self, row: int, elapsed: np.ndarray, priced: np.ndarray, total: np.ndarray,
+                 in_flight: np.ndarray) -> None:
+        """`_step` for one row, in Python floats, until the row stops.
+
+        Between two dispatches only a handful of rows have a step to complete, and numpy's
+        per-call cost on a few elements is most of a decision; the same IEEE operations in
+        the same order on Python floats give the same results.
+        """
+        e, t_total = float(elapsed[row]), float(total[row])
+        a, b, c, max_b = (float(v) for v in priced[:, row])
+        at, before = self._at[row], self._before[row]
+        backlog = float(self._backlog[row])
+        clock, computed = float(self._clock[row]), float(self._computed[row])
+        running, iterations = float(self._running[row]), int(self._iterations[row])
+        while iterations < self.max_iterations:
+            t = clock
+            count = int((at <= t).sum())
+            ready = backlog + float(before[count]) - computed
+            if ready <= 0:  # wait for the next arrival
+                t = float(at[count])
+                ready = backlog + float(before[int((at <= t).sum())]) - computed
+                if not t < e:
+                    break
+                if ready <= 0:  # only zero-token arrivals came
+                    clock, iterations = t, iterations + 1
+                    continue
+            partial = 0 < running < max_b
+            batch = running if partial else min(ready, max_b)
+            d = a * batch * batch + b * batch + c
+            if not MIN_PREDICTED_STEP_MS <= d <= MAX_PREDICTED_STEP_MS:  # also NaN
+                self._void[row] = True
+                break
+            left = e - t
+            if not left >= d:
+                in_flight[row] = math.floor(batch * left / d + 0.5)
+                self._pend_start[row], self._pend_batch[row] = t, batch
+                self._pend_ms[row], self._pend_chunk[row] = d, partial
+                break
+            running = 0.0 if partial else running
+            computed, clock, iterations = computed + batch, t + d, iterations + 1
+            if not (clock < e and computed < t_total):
+                break
+        self._clock[row], self._computed[row] = clock, computed
+        self._running[row], self._iterations[row] = running, iterations
 
     def _rewind(self, rows: np.ndarray) -> None:
         """Forget the steps simulated for `rows`; their status and arrivals stay."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from prescient.predict.prefill_sim import (
+    SCALAR_ROWS,
     PrefillReplay,
     _predict_one,
     predict_computed_prefill_tokens,
@@ -208,9 +209,12 @@ def test_vectorised_equals_scalar_with_arrivals() -> None:
     assert (vec <= np.maximum(u, 0) + tokens.sum(axis=1)).all()
 
 
-def test_incremental_replay_equals_replay_from_scratch_on_random_cases() -> None:
+@pytest.mark.parametrize("scalar_rows", [0, 10**9, SCALAR_ROWS])
+def test_incremental_replay_equals_replay_from_scratch_on_random_cases(scalar_rows: int
+                                                                       ) -> None:
     """Advancing decision by decision, with prompts appended as they are dispatched, gives
-    what a replay from the status gives at every decision, step cap included."""
+    what a replay from the status gives at every decision, step cap included; whether the
+    rows are stepped in lockstep (numpy) or one by one (Python floats)."""
     rng = np.random.default_rng(11)
     n, decisions = 300, 60
     u = np.where(rng.random(n) < 0.3, 0, rng.integers(-100, 20_000, n)).astype(float)
@@ -222,6 +226,7 @@ def test_incremental_replay_equals_replay_from_scratch_on_random_cases() -> None
     max_b = rng.choice([256.0, 2048.0, 8192.0], n)
     head = np.where(rng.random(n) < 0.3, rng.uniform(0, 30, n), 0.0)
     replay = PrefillReplay(n, max_iterations=40)
+    replay.scalar_rows = scalar_rows
     replay.reset(np.arange(n), u, ur, head)
     arrivals: list[list[tuple[float, float]]] = [[] for _ in range(n)]
     elapsed = np.full(n, -5.0)
@@ -246,6 +251,7 @@ def test_incremental_replay_equals_replay_from_scratch_on_random_cases() -> None
             at[row, :len(queue)] = [t for t, _ in queue]
             tok[row, :len(queue)] = [x for _, x in queue]
         fresh = PrefillReplay(n, max_iterations=40)
+        fresh.scalar_rows = 0
         fresh.reset(np.arange(n), u, ur, head)
         fresh.set_arrivals(at, tok)
         assert got.tolist() == fresh.advance(elapsed, a, b, c, max_b).tolist(), f"decision {k}"
