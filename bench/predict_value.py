@@ -16,7 +16,7 @@ does) whenever the predictor or the slo policy is on.
    0.6-1.0 x capacity for the SLO, 0.8-1.2 x capacity TTFT-only, widened if needed, then
    bisection) for the local-account-on rows. The p99 TTFT of the account-on rows is repeated
    for seeds 1 and 2. Goal (issue "Predictors"): with prediction, p99 TTFT at 1000 ms <= 1.10 x
-   p99 TTFT at 50 ms.
+   p99 TTFT at 50 ms, on every seed.
 2. Prediction accuracy.
    a. Computed prefill tokens: one run (poll 1000 ms, prediction on, account on, seed 0) with
       the PredictorEnhancement feature's `prepare` wrapped (inside this script only). At every
@@ -45,7 +45,7 @@ does) whenever the predictor or the slo policy is on.
 Independent runs go to a process pool (`--jobs`, default 2); results do not depend on it.
 Run from the repository root:
 
-    .venv/bin/python bench/predict_value.py            # the recorded numbers (~4.5 min)
+    .venv/bin/python bench/predict_value.py            # the recorded numbers (~22 min)
     .venv/bin/python bench/predict_value.py --quick    # smoke run (~2.5 min), seed 0
 
 Markdown tables are printed as they go into bench/RESULTS.md.
@@ -478,8 +478,12 @@ def print_goal(table: dict[tuple[Config, int], Run], seeds: Sequence[int]) -> No
             cells = [f"{x:.2f} ({ms(p99_of(table, num, s))} / {ms(p99_of(table, den, s))})"
                      for s, x in zip(have, ratios, strict=True)]
             cells += ["-"] * (len(seeds) - len(have))
-            goal = (f"<= {GOAL_RATIO:.2f}: **{verdict(ratios[0] <= GOAL_RATIO)}** (seed "
-                    f"{seeds[0]})" if predict and account else "(reference)")
+            # met only on every seed: one seed's p99 moves by several percent with noise
+            missed = [s for s, x in zip(have, ratios, strict=True) if x > GOAL_RATIO]
+            judged = (f"seeds {', '.join(map(str, missed))}" if missed
+                      else f"all {len(have)} seed(s)")
+            goal = (f"<= {GOAL_RATIO:.2f}: **{verdict(not missed)}** ({judged})"
+                    if predict and account else "(reference)")
             print(f"| prediction {'on' if predict else 'off'}, local account "
                   f"{'on' if account else 'off'} | " + " | ".join(cells) + f" | {goal} |")
 
