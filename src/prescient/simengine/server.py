@@ -153,12 +153,13 @@ class SimEngineServer:
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: run the engine (and the llumlet) while the app runs."""
+        grpc_server = watch_task = None
+        if self.settings.llumlet_port:  # first: a busy port fails before anything runs
+            grpc_server, watch_task = await self._start_migration()
         if self.kv_events is not None:
             await self.kv_events.start()
         engine_task = asyncio.create_task(self.driver.run(), name="sim-engine")
-        own_store = llumlet_task = grpc_server = watch_task = None
-        if self.settings.llumlet_port:
-            grpc_server, watch_task = await self._start_migration()
+        own_store = llumlet_task = None
         if self.settings.enable_llumlet:
             own_store, llumlet_task = self._start_llumlet()
         try:
