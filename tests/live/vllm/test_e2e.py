@@ -285,7 +285,12 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
     killed: list[VllmEngine] = []
 
     def kill_the_busiest() -> None:
-        running = {e.name: metric(e, "vllm:num_requests_running") for e in prescient.engines}
+        # vLLM's gauge can read 0 for a moment between its stat updates: ask a few times
+        for _ in range(20):
+            running = {e.name: metric(e, "vllm:num_requests_running") for e in prescient.engines}
+            if max(running.values()) > 0:
+                break
+            time.sleep(0.05)
         victim = max(prescient.engines, key=lambda e: running[e.name])
         assert running[victim.name] > 0, running
         victim.kill()
