@@ -115,7 +115,10 @@ class _Forwarded:
 
     def _finish(self, reason: str, now: float) -> None:
         if self.finish_reason is None:
-            self.finish_reason = reason
+            # an abort here that the holder did not ask for (it forgets a request first when
+            # its client leaves) means this engine stopped: the holder cuts the stream, so a
+            # gateway replays it, rather than ending it as if the answer were complete
+            self.finish_reason = FINISH_LOST if reason == FINISH_ABORT else reason
             self._dirty.set()
 
     def close(self) -> None:
