@@ -42,16 +42,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 
 import msgspec
 
-from common import Inline, ms
-from prescient.config.presets import get_preset
+from common import Inline, ms, preset_slo_model
 from prescient.config.scheduler import SchedulerSettings
 from prescient.model import InferType, Request
-from prescient.predict.slo import SloLatencyModel, TpotProfile, TtftProfile
-from prescient.profiling import default_grids, profile_engine
 from prescient.sim.cluster import InstanceSpec, SimSettings, simulate
 from prescient.sim.metrics import SloSpec, Summary, summarize
 from prescient.sim.traces import load_trace
@@ -105,15 +101,6 @@ def cases(rates: Sequence[float]) -> list[Case]:
     return out
 
 
-@cache
-def slo_model() -> SloLatencyModel:
-    tokens, batches, tprs = default_grids(get_preset(PRESET), MAX_BATCHED)
-    ttft, tpot = profile_engine(PRESET, tokens_grid=tokens, batch_grid=batches, tpr_grid=tprs,
-                                max_num_batched_tokens=MAX_BATCHED)
-    return SloLatencyModel.from_profiles(msgspec.convert(ttft, TtftProfile),
-                                         msgspec.convert(tpot, TpotProfile))
-
-
 def requests(rate: float, n: int) -> list[Request]:
     trace = rebase(load_trace("azure-conv").requests)
     native = len(trace) / trace[-1].arrival_time
@@ -147,7 +134,7 @@ def run(case: Case, n: int) -> Outcome:
     policy = "slo" if case.adaptive else "load-balance"
     result = simulate(requests(case.rate, n), instances(case), policy,
                       SimSettings(seed=0, scheduler=settings_for(case)),
-                      slo_model=slo_model() if case.adaptive else None)
+                      slo_model=preset_slo_model(PRESET, MAX_BATCHED) if case.adaptive else None)
     summary = summarize(case.label, result.records, slo=SLO, warmup_s=WARMUP_S,
                         cooldown_s=COOLDOWN_S)
     migrated = sum(m.outcome == "migrated" for m in result.migrations)

@@ -36,16 +36,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 
-import msgspec
-
-from common import Inline, ms, pct
-from prescient.config.presets import get_preset
+from common import Inline, ms, pct, preset_slo_model
 from prescient.config.scheduler import SchedulerSettings
 from prescient.model import Request
-from prescient.predict.slo import SloLatencyModel, TpotProfile, TtftProfile
-from prescient.profiling import default_grids, profile_engine
 from prescient.sim.cluster import InstanceSpec, SimSettings, simulate
 from prescient.sim.metrics import SloSpec, Summary, summarize
 from prescient.sim.records import RequestRecord
@@ -87,15 +81,6 @@ class Outcome:
     wall_s: float
 
 
-@cache
-def slo_model() -> SloLatencyModel:
-    tokens, batches, tprs = default_grids(get_preset(PRESET), MAX_BATCHED)
-    ttft, tpot = profile_engine(PRESET, tokens_grid=tokens, batch_grid=batches, tpr_grid=tprs,
-                                max_num_batched_tokens=MAX_BATCHED)
-    return SloLatencyModel.from_profiles(msgspec.convert(ttft, TtftProfile),
-                                         msgspec.convert(tpot, TpotProfile))
-
-
 def requests(rate: float, duration_s: float) -> list[Request]:
     trace = rebase(load_trace("azure-conv").requests)
     native = len(trace) / trace[-1].arrival_time
@@ -123,7 +108,8 @@ def run(case: Case, duration_s: float) -> Outcome:
     settings = SchedulerSettings(ttft_slo=SLO.ttft_s * 1e3, tpot_slo=SLO.tpot_s * 1e3)
     result = simulate(requests(case.rate, duration_s), instances(case), case.policy,
                       SimSettings(seed=0, scheduler=settings),
-                      slo_model=slo_model() if case.policy == "slo" else None)
+                      slo_model=(preset_slo_model(PRESET, MAX_BATCHED) if case.policy == "slo"
+                                 else None))
     summary = summarize(case.label, result.records, slo=SLO, warmup_s=WARMUP_S,
                         cooldown_s=COOLDOWN_S)
     return Outcome(case, summary, e2e_attainment(result.records), result.num_steps,
