@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
 from prescient.discovery.base import DiscoveredInstance
 from prescient.discovery.codec import decode_pod, instance_id, wall_clock_ms
 from prescient.discovery.redis import RedisRegistrar, RedisResolver
+from prescient.discovery.registrar import DiscoveryError
 from prescient.model import InferType
 
 from .discovery_helpers import wait_until
@@ -31,6 +32,18 @@ def resolver(target: RedisTarget, **kw: object) -> RedisResolver:
 
 def registrar(target: RedisTarget, pod: str, **kw: object) -> RedisRegistrar:
     return RedisRegistrar(target.host, target.port, pod, db=target.db, **kw)  # type: ignore[arg-type]
+
+
+async def until_written(write: Callable[[], Awaitable[None]], timeout_s: float = 15.0) -> None:
+    """Write until a write succeeds, as a sidecar's next heartbeat would after a failed one."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await write()
+        except DiscoveryError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 def ids(instances: Sequence[DiscoveredInstance]) -> list[str]:
@@ -195,7 +208,7 @@ def test_redis_outage_keeps_the_last_set_and_recovers(caplog: pytest.LogCaptureF
                 await res.refresh()
             assert ids(res.instances()) == ["pod-a_dp0"]  # kept through the outage
             server.start()  # back, but empty: the sidecar re-registers at its next heartbeat
-            await reg.publish([inst("pod-a", 0), inst("pod-a", 1)])
+            await until_written(lambda: reg.publish([inst("pod-a", 0), inst("pod-a", 1)]))
             await wait_until(lambda: len(res.instances()) == 2, "recovery after the outage")
             await reg.close()
             await res.close()

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from prescient.cms.redis_store import RedisStore
+from prescient.cms.store import CmsStoreError
 from prescient.config.scheduler import SchedulerSettings, load_scheduler_settings
 from prescient.errors import ConfigError
 from prescient.model import InstanceMetadata, InstanceStatus
@@ -401,7 +402,12 @@ def test_a_cms_outage_is_a_400_the_client_turns_into_fallback_and_it_recovers() 
                     await remote.schedule(req("r3"))
                 assert (await get(address, "/health"))[0] == 503
                 redis_server.start()  # same port, empty data: the llumlets write again
-                await publish(writer, {"i-a": 10}, update_id=5)
+                for _ in range(50):  # as a llumlet's next push would after a failed one
+                    try:
+                        await publish(writer, {"i-a": 10}, update_id=5)
+                        break
+                    except CmsStoreError:
+                        await asyncio.sleep(0.1)
                 await wait_until(lambda: core.ready and core.dispatcher.cms.status("i-a"), 20)
                 assert (await remote.schedule(req("r4")))[0].id == "i-a"
                 assert (await get(address, "/health"))[0] == 200

@@ -11,6 +11,7 @@ unavailable" and the llumlet into "retry at the next push".
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -75,6 +76,9 @@ class RedisStore:
             socket_connect_timeout=timeout_s, retry=retry)
         self._redis = aioredis.Redis.from_pool(pool)
         self._bad_keys: set[str] = set()
+        # every try's connect and read, plus the backoffs: a command that outlives this is
+        # wedged (seen with redis-py 8 on the first command after a Redis restart)
+        self._deadline_s = (retry_times + 1) * 2 * timeout_s + retry_times * RETRY_BACKOFF_S
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, retry_times: int = 1) -> RedisStore:
@@ -149,7 +153,11 @@ class RedisStore:
 
     async def _call(self, command: str, operation: Callable[[], Awaitable[_T]]) -> _T:
         try:
-            return await operation()
+            async with asyncio.timeout(self._deadline_s):
+                return await operation()
+        except TimeoutError:
+            raise CmsStoreError(f"CMS Redis {self.address}: {command} did not answer within "
+                                f"{self._deadline_s:g} s") from None
         except (RedisError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             raise CmsStoreError(f"CMS Redis {self.address}: {command} failed: {reason}") from None

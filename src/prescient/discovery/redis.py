@@ -205,6 +205,8 @@ class RedisRegistrar:
                  key_ttl_s: float = 3600.0, wall_ms: Callable[[], int] = wall_clock_ms) -> None:
         self._redis = _client(host, port, db, username, password, timeout_s, retry_times)
         self._address = f"{host}:{port}/{db}"
+        # a write that outlives every try is wedged (redis-py 8, first command after a restart)
+        self._deadline_s = (retry_times + 1) * 2 * timeout_s + retry_times * RETRY_BACKOFF_S
         self._pod_name = pod_name
         self.key = REDIS_KEY_PREFIX + pod_name
         self._key_ttl_ms = max(1, round(key_ttl_s * 1000))
@@ -226,7 +228,11 @@ class RedisRegistrar:
         value = encode_pod(self._pod_name, instances, self._wall_ms())
         self._written = True  # even a failed SET may have landed
         try:
-            await self._redis.set(self.key, value, px=self._key_ttl_ms)
+            async with asyncio.timeout(self._deadline_s):
+                await self._redis.set(self.key, value, px=self._key_ttl_ms)
+        except TimeoutError:
+            raise DiscoveryError(f"discovery Redis {self._address}: SET {self.key} did not "
+                                 f"answer within {self._deadline_s:g} s") from None
         except (RedisError, OSError) as exc:
             raise DiscoveryError(f"discovery Redis {self._address}: SET {self.key} failed: "
                                  f"{exc or type(exc).__name__}") from None
