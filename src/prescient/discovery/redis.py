@@ -37,6 +37,7 @@ from prescient.discovery.codec import (
 from prescient.discovery.instance_set import InstanceSet
 from prescient.discovery.outage import OutageLog
 from prescient.discovery.registrar import REDIS_KEY_PREFIX, DiscoveryError
+from prescient.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,7 @@ class RedisResolver:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         await self._redis.aclose()
 

@@ -25,7 +25,6 @@ instance the id holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +47,7 @@ from prescient.scheduler.wire import (
     ScheduleRequest,
     SchedulerUnavailableError,
 )
+from prescient.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from prescient.cms.store import CmsStore
@@ -155,9 +155,7 @@ class SchedulerCore:
         self._started = False
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._cache is not None:
             await self._cache.close()
         if self._owns_store and self._store is not None:
