@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -59,8 +60,11 @@ MAX_PROMPT, MAX_OUTPUT = 1500, 256
 class Stream:
     """One streamed completion's client-side timings."""
 
-    def __init__(self, ttft: float, gaps: list[float], tokens: int) -> None:
+    def __init__(self, ttft: float, gaps: list[float], tokens: int, head: float = 0.0,
+                 first_byte: float = 0.0) -> None:
         self.ttft, self.gaps, self.tokens = ttft, gaps, tokens
+        self.head = head  # the response head's arrival, seconds after sending
+        self.first_byte = first_byte  # the first body bytes' arrival
 
     @property
     def tpot(self) -> float | None:
@@ -75,18 +79,21 @@ async def stream(http: aiohttp.ClientSession, url: str, prompt: list[int], max_t
     headers = {"x-request-id": request_id} if request_id else {}
     start = time.perf_counter()
     times: list[float] = []
+    first_byte = 0.0
     async with http.post(url + "/v1/completions", json=body, headers=headers) as r:
+        head = time.perf_counter() - start
         assert r.status == 200, await r.text()
         buffer = b""
         async for data in r.content.iter_any():
             now = time.perf_counter()
+            first_byte = first_byte or now - start
             buffer += data
             *events, buffer = buffer.split(b"\n\n")
             for event in events:
                 if event.startswith(b"data: {") and b'"text"' in event:
                     times.append(now)
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    return Stream(times[0] - start, gaps, len(times))
+    return Stream(times[0] - start, gaps, len(times), head, first_byte)
 
 
 def steps_since(engine: VllmEngine, offset: int) -> np.ndarray:
@@ -233,9 +240,10 @@ def gateway(engines: list[VllmEngine], port: int, work: Path, venv: Path
                  log=work / f"gateway-{port}.log")
 
 
-def live_run(venv: Path, work: Path, requests: list[Request], n_engines: int
-             ) -> tuple[dict[str, Stream], np.ndarray]:
-    """Client timings per request, and every step the engines ran (their iteration logs)."""
+def live_run(venv: Path, work: Path, requests: list[Request], n_engines: int,
+             direct: bool = False) -> tuple[dict[str, Stream], np.ndarray]:
+    """Client timings per request, and every step the engines ran (their iteration logs).
+    `direct`: the client talks to the (single) engine, no gateway in between."""
     engines = [VllmEngine(venv, free_port(), core, work,
                           extra_env={"PRESCIENT_QUIET_ITERATION_LOGS": "0"})
                for core in range(n_engines)]
@@ -245,21 +253,22 @@ def live_run(venv: Path, work: Path, requests: list[Request], n_engines: int
             e.start()
         for e in engines:
             e.wait_ready()
-        with gateway(engines, port, work, venv):
-            url = f"http://127.0.0.1:{port}"
+        with (contextlib.nullcontext() if direct else gateway(engines, port, work, venv)):
+            url = engines[0].url if direct else f"http://127.0.0.1:{port}"
             asyncio.run(replay(url, requests[:8]))  # warm-up: connections, first steps
             offsets = [e.log_size() for e in engines]
             before = [_hist(e.url, "vllm:time_to_first_token_seconds") for e in engines]
-            gw_before = _hist(url, "prescient_gateway_ttft_seconds")
+            gw_before = {} if direct else _hist(url, "prescient_gateway_ttft_seconds")
             streams = asyncio.run(replay(url, requests))
             after = [_hist(e.url, "vllm:time_to_first_token_seconds") for e in engines]
-            gw_after = _hist(url, "prescient_gateway_ttft_seconds")
+            gw_after = {} if direct else _hist(url, "prescient_gateway_ttft_seconds")
             engine_ttft = {le: sum(a[le] - b.get(le, 0) for a, b in zip(after, before,
                                                                         strict=True))
                            for le in after[0]}
             print("TTFT at the engines (vLLM's histogram):", _quantiles_of(engine_ttft))
-            print("TTFT at the gateway (its histogram):   ", _quantiles_of(
-                {le: gw_after[le] - gw_before.get(le, 0) for le in gw_after}))
+            gw_ttft = {le: gw_after[le] - gw_before.get(le, 0) for le in gw_after}
+            print("TTFT at the gateway (its histogram):   ",
+                  _quantiles_of(gw_ttft) if gw_ttft else "no gateway")
             steps = np.concatenate([steps_since(e, o) for e, o in zip(engines, offsets,
                                                                       strict=True)])
             return streams, steps
@@ -311,6 +320,9 @@ def compare(live: dict[str, Stream], sim: dict[str, tuple[float | None, float | 
         "TPOT": ([s.tpot for s in live.values() if s.tpot is not None],
                  [p for _, p in sim.values() if p is not None]),
     }
+    # a stream whose tokens all came in one read: vLLM's API server held it back until it ended
+    withheld = sum(1 for s in live.values() if s.tokens > 2 and max(s.gaps) < 1e-4)
+    print(f"streams delivered whole at their end: {withheld} of {len(live)}")
     print("metric  source        p50 ms   p90 ms   p99 ms")
     for name, (real, simulated) in metrics.items():
         rq, sq = quantiles(real), quantiles(simulated)
@@ -350,6 +362,10 @@ def main() -> None:
     parser.add_argument("--engines", type=int, choices=(1, 2), default=2,
                         help="real engines (one per core) and simulated instances")
     parser.add_argument("--plot", default="", help="write the CDF plot here (PNG)")
+    parser.add_argument("--direct", action="store_true",
+                        help="replay straight to the engine, without a gateway (--engines 1)")
+    parser.add_argument("--dump", default="",
+                        help="write each request's lengths and real/simulated timings here (JSON)")
     args = parser.parse_args()
     venv = vllm_venv()
     with tempfile.TemporaryDirectory(prefix="pvf-") as d:
@@ -371,11 +387,19 @@ def main() -> None:
                   f"{fitted['tokens']} tokens (loop overhead {fitted['step_overhead_ms']:.2f} "
                   f"ms), serving path {fitted['frontend_ms']:.2f} ms per request")
         requests = workload(args.requests, args.rate_scale)
-        live, steps = live_run(venv, work, requests, args.engines)
+        live, steps = live_run(venv, work, requests, args.engines, args.direct)
     print(f"{len(requests)} requests of azure-conv, rate x{args.rate_scale:g}, prompts <= "
           f"{MAX_PROMPT}, outputs <= {MAX_OUTPUT}; lite load-balance over {args.engines} "
           "engine(s)")
-    compare(live, sim_run(requests, args.engines), args.plot or None, args.engines)
+    sim = sim_run(requests, args.engines)
+    compare(live, sim, args.plot or None, args.engines)
+    if args.dump:
+        rows = [{"id": r.request_id, "arrival": r.arrival_time, "prompt": r.prompt_len,
+                 "output": r.output_len, "ttft": live[r.request_id].ttft,
+                 "tpot": live[r.request_id].tpot, "head": live[r.request_id].head,
+                 "first_byte": live[r.request_id].first_byte, "sim_ttft": sim[r.request_id][0],
+                 "sim_tpot": sim[r.request_id][1]} for r in requests]
+        Path(args.dump).write_text(json.dumps(rows))
     step_report(steps)
 
 
