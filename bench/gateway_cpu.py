@@ -265,6 +265,8 @@ async def _gateway(port: int, engines: list[int], setup: str, profile: str) -> N
         gateway = await _full_mode_gateway(flags, engines)
     await gateway.start()
     server = await gateway.serve("127.0.0.1", port)
+    from prescient.service import freeze_heap_later
+    freeze_heap_later(asyncio.get_running_loop(), 1.0)  # as `prescient gateway` does
     if profile:
         import cProfile
 

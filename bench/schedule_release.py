@@ -21,7 +21,7 @@ from prescient.scheduler.core import SchedulerCore
 from prescient.scheduler.wire import ScheduleRequest
 
 
-async def pair_us(mode: str, instances: int, requests: int) -> float:
+async def pair_us(mode: str, instances: int, requests: int, in_flight: int = 0) -> float:
     store = MemoryStore()
     for i in range(instances):
         await store.put_metadata(InstanceMetadata(
@@ -37,9 +37,10 @@ async def pair_us(mode: str, instances: int, requests: int) -> float:
     await core.start()
     batch = [ScheduleRequest(id=f"r{k}", prompt_num_tokens=100) for k in range(requests)]
     start = time.process_time()
-    for request in batch:
+    for k, request in enumerate(batch):
         await core.schedule(request)
-        await core.release(request)
+        if k >= in_flight:  # a gateway with `in_flight` requests outstanding
+            await core.release(batch[k - in_flight])
     elapsed = time.process_time() - start
     await core.close()
     return elapsed / requests * 1e6
@@ -50,9 +51,13 @@ def main() -> None:
     p.add_argument("--mode", choices=("full", "lite"), default="full")
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--requests", type=int, default=20_000)
+    p.add_argument("--in-flight", type=int, default=0,
+                   help="requests scheduled and not yet released at any time (a gateway's "
+                        "concurrency)")
     args = p.parse_args()
-    us = asyncio.run(pair_us(args.mode, args.instances, args.requests))
-    print(f"{args.mode} mode, {args.instances} instances: {us:.1f} us per schedule+release")
+    us = asyncio.run(pair_us(args.mode, args.instances, args.requests, args.in_flight))
+    print(f"{args.mode} mode, {args.instances} instances, {args.in_flight} in flight: "
+          f"{us:.1f} us per schedule+release")
 
 
 if __name__ == "__main__":

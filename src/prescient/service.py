@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -26,6 +27,9 @@ from prescient.config.settings import redacted_builtins, settings_from_namespace
 S = TypeVar("S", bound=msgspec.Struct)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# A service has built what it keeps for its whole life (imports, settings, tables, pools) by
+# then; see `freeze_heap_later`.
+FREEZE_AFTER_S = 5.0
 
 
 def add_service_parser(
@@ -60,8 +64,26 @@ def resolve_settings(cls: type[S], args: argparse.Namespace, env: Mapping[str, s
     return settings
 
 
+def freeze_heap_later(loop: asyncio.AbstractEventLoop, after_s: float | None = None) -> None:
+    """Once startup is over, move every live object to the garbage collector's permanent
+    generation (`gc.freeze`).
+
+    Why: a full collection scans every tracked object, and a started gateway holds ~56k of
+    them (modules, settings, tables) that never become garbage: each full pass took ~15 ms,
+    the gateway's p99 under load. Frozen objects are still freed by reference counting; only
+    a reference cycle among them would be kept. For service processes only (`gc.collect` here
+    would run other code's finalizers inside a test process).
+    """
+    def freeze() -> None:
+        gc.collect()
+        gc.freeze()
+
+    loop.call_later(FREEZE_AFTER_S if after_s is None else after_s, freeze)
+
+
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `main(stop)` on uvloop (asyncio where it is missing); SIGTERM/SIGINT set `stop`."""
+    """Run `main(stop)` on uvloop (asyncio where it is missing); SIGTERM/SIGINT set `stop`.
+    The heap built at startup is frozen after `FREEZE_AFTER_S` (`freeze_heap_later`)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
     async def supervised() -> None:
@@ -69,6 +91,7 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        freeze_heap_later(loop)
         await main(stop)
 
     try:

@@ -87,6 +87,9 @@ class Dispatcher:
         self.scrape_interval_s: float | None = None
         # adaptive PD: every instance is a candidate for every leg, whatever its infer type
         self.any_instance_any_leg = False
+        # candidate masks per infer type, for one state version (metadata and statuses)
+        self._candidates: dict[tuple[InferType, bool], np.ndarray] = {}
+        self._candidates_version = -1
 
     # ---- the cluster view ------------------------------------------------------------------
 
@@ -190,12 +193,7 @@ class Dispatcher:
         pipeline = self.pipelines.get(infer_type)
         if pipeline is None or not len(self.state):
             return None
-        if self.any_instance_any_leg:
-            candidates = np.ones(len(self.state), bool)
-        else:
-            candidates = self.state.infer_type == INFER_CODES[infer_type]
-        if self.full_mode:
-            candidates &= self.state.has_status
+        candidates = self._candidate_mask(infer_type)
         ctx = SchedulingContext(request, self.state, now, self.rng)
         for feature in self.features:
             feature.prepare(ctx)
@@ -204,6 +202,24 @@ class Dispatcher:
             return None
         hits = ctx.prefix_hit_tokens
         return row, 0 if hits is None else int(hits[row])
+
+    def _candidate_mask(self, infer_type: InferType) -> np.ndarray:
+        """The rows that may take a leg of `infer_type` (read-only; kept per state version)."""
+        if self._candidates_version != self.state.version:
+            self._candidates.clear()
+            self._candidates_version = self.state.version
+        key = (infer_type, self.any_instance_any_leg)
+        candidates = self._candidates.get(key)
+        if candidates is None:
+            if self.any_instance_any_leg:
+                candidates = np.ones(len(self.state), bool)
+            else:
+                candidates = self.state.infer_type == INFER_CODES[infer_type]
+            if self.full_mode:
+                candidates &= self.state.has_status
+            candidates.flags.writeable = False
+            self._candidates[key] = candidates
+        return candidates
 
     def _count(self, request: Request, placement: Placement, hit_tokens: int, now: float
                ) -> None:

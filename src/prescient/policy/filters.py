@@ -41,6 +41,8 @@ class MetricThreshold:
         self.metric = metric
         self.threshold = threshold
         self.soft = soft
+        # what `Pipeline` may decide without running this filter (see there)
+        self.soft_bound = (metric, threshold) if soft and metric.lower_is_better else None
 
     def keep(self, ctx: SchedulingContext) -> np.ndarray:
         values = ctx.metric(self.metric)

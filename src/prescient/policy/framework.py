@@ -39,7 +39,7 @@ class SchedulingContext:
     may choose differently then, as adaptive PD's decode selector does).
     """
 
-    __slots__ = ("_memo", "candidates", "fallback", "needs_failover", "now",
+    __slots__ = ("_candidates", "_memo", "_needs_failover", "fallback", "now",
                  "predicted_computed_tokens", "predicted_tpot_ms", "predicted_ttft_ms",
                  "prefix_hit_tokens", "prefix_miss_weight", "request", "rng", "state")
 
@@ -48,8 +48,9 @@ class SchedulingContext:
         self.state = state
         self.now = now  # seconds
         self.rng = rng
-        self.needs_failover = np.zeros(len(state), bool)  # set by schedulability/staleness
-        self.candidates = np.zeros(len(state), bool)  # the rows the pipeline started from
+        # made on first use: most decisions never look at them (`Pipeline`'s cached masks)
+        self._needs_failover: np.ndarray | None = None
+        self._candidates: np.ndarray | None = None
         self.fallback = False
         self.prefix_hit_tokens: np.ndarray | None = None
         self.prefix_miss_weight = 1.0
@@ -57,6 +58,28 @@ class SchedulingContext:
         self.predicted_ttft_ms: np.ndarray | None = None
         self.predicted_tpot_ms: np.ndarray | None = None
         self._memo: dict[str, np.ndarray] = {}
+
+    @property
+    def needs_failover(self) -> np.ndarray:
+        """Rows marked by schedulability/staleness filters as needing failover."""
+        if self._needs_failover is None:
+            self._needs_failover = np.zeros(len(self.state), bool)
+        return self._needs_failover
+
+    @needs_failover.setter
+    def needs_failover(self, value: np.ndarray) -> None:
+        self._needs_failover = value
+
+    @property
+    def candidates(self) -> np.ndarray:
+        """The rows the pipeline started from (a mask)."""
+        if self._candidates is None:
+            self._candidates = np.zeros(len(self.state), bool)
+        return self._candidates
+
+    @candidates.setter
+    def candidates(self, value: np.ndarray) -> None:
+        self._candidates = value
 
     def metric(self, metric: Metric) -> np.ndarray:
         values = self._memo.get(metric.name)
@@ -79,7 +102,9 @@ class Filter(Protocol):
 
     A filter may declare `static = True`: its mask (and the failover marks it sets) depend only
     on the instances' metadata and statuses, and on the clock no sooner than its optional
-    `valid_until(ctx)` (seconds; absent: never). See `Pipeline` for what that buys.
+    `valid_until(ctx)` (seconds; absent: never). A soft filter that keeps exactly the rows
+    whose lower-is-better metric `m` is below `t` may say so with `soft_bound = (m, t)`.
+    See `Pipeline` for what both buy.
     """
 
     soft: bool
@@ -100,7 +125,11 @@ class GlobalFilter(Protocol):
 
 
 class Selector(Protocol):
-    """Picks one of `rows` (ascending instance rows, never empty)."""
+    """Picks one of `rows` (ascending instance rows, never empty).
+
+    A selector that picks the first row of least `m` (a lower-is-better metric, NaN first as
+    `np.argmin` has it) may say so with `argmin_metric = m`.
+    """
 
     def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int: ...
 
@@ -129,6 +158,7 @@ class _StaticMask(NamedTuple):
     keep: np.ndarray
     needs_failover: np.ndarray
     valid_until: float
+    rows: np.ndarray  # np.flatnonzero(keep)
 
 
 class Pipeline:
@@ -138,10 +168,18 @@ class Pipeline:
     failover domains: most of its numpy work) is computed once per state version and kept
     until the clock passes the earliest `valid_until`; only the request-dependent filters
     (metric thresholds) run on every call. The result is the same mask either way.
+
+    Load-balance's shape, one soft `soft_bound` filter on metric `m` besides static hard ones
+    and an `argmin_metric` selector on the same `m`, is decided without the filter pass: the
+    first least `m` among the static rows is the answer whenever it is below the bound (every
+    row at that least value passes the bound then, and the selector would pick the same first
+    one among the rows that pass); otherwise (all over the bound, or NaN) the full passes run.
+    Such a decision leaves `ctx.needs_failover` unset: only filters read it, and the dynamic
+    filter here does not.
     """
 
-    __slots__ = ("_dynamic", "_masks", "_static", "_static_version", "filters",
-                 "global_filters", "selector")
+    __slots__ = ("_argmin", "_cacheable", "_dynamic", "_masks", "_static", "_static_version",
+                 "filters", "global_filters", "selector")
 
     def __init__(
         self,
@@ -152,11 +190,24 @@ class Pipeline:
         self.filters = tuple(filters)
         self.global_filters = tuple(global_filters)
         self.selector = selector
-        cacheable = all(getattr(g, "static", False) for g in self.global_filters)
+        cacheable = self._cacheable = all(getattr(g, "static", False)
+                                          for g in self.global_filters)
         self._static = tuple(f for f in self.filters if cacheable and getattr(f, "static", False))
         self._dynamic = tuple(f for f in self.filters if f not in self._static)
         self._masks: dict[tuple[bool, bytes], _StaticMask] = {}
         self._static_version = -1
+        self._argmin = self._argmin_bound()
+
+    def _argmin_bound(self) -> tuple[Metric, float] | None:
+        """(m, t) when the pipeline has load-balance's shape (see the class doc), else None."""
+        if not self._cacheable or len(self._dynamic) != 1:
+            return None
+        bound = getattr(self._dynamic[0], "soft_bound", None)
+        if bound is None or getattr(self.selector, "argmin_metric", None) is not bound[0]:
+            return None
+        if any(f.soft for f in (*self._static, *self.global_filters)):
+            return None  # the fallback pass would start from another static mask
+        return bound
 
     @property
     def has_soft_filters(self) -> bool:
@@ -164,6 +215,17 @@ class Pipeline:
 
     def pick(self, ctx: SchedulingContext, candidates: np.ndarray) -> int | None:
         """The chosen row among `candidates` (a mask), or None when nothing is available."""
+        if self._argmin is not None:
+            metric, bound = self._argmin
+            rows = self._static_entry(ctx, candidates, False).rows
+            if not len(rows):
+                return None  # the fallback pass has the same static rows
+            values = ctx.metric(metric)
+            if len(rows) != len(values):
+                values = values[rows]
+            i = int(values.argmin())
+            if values[i] < bound:
+                return int(rows[i])
         keep = self.filter(ctx, candidates, fallback=False)
         if not keep.any() and candidates.any() and self.has_soft_filters:
             keep = self.filter(ctx, candidates, fallback=True)
@@ -198,13 +260,21 @@ class Pipeline:
                      ) -> np.ndarray:
         """The static filters' and global filters' mask (a copy), from the cache if valid;
         leaves their failover marks in `ctx.needs_failover`."""
+        hit = self._static_entry(ctx, candidates, fallback)
+        ctx.needs_failover = hit.needs_failover.copy()
+        return hit.keep.copy()
+
+    def _static_entry(self, ctx: SchedulingContext, candidates: np.ndarray, fallback: bool
+                      ) -> _StaticMask:
+        """The cached static pass over `candidates` (computed now if missing or expired)."""
         if self._static_version != ctx.state.version:
             self._masks.clear()
             self._static_version = ctx.state.version
         key = (fallback, candidates.tobytes())
         hit = self._masks.get(key)
         if hit is None or ctx.now >= hit.valid_until:
-            ctx.needs_failover[:] = False
+            ctx.candidates = candidates
+            ctx.needs_failover = np.zeros(len(candidates), bool)
             keep = candidates.copy()
             self._run(ctx, keep, self._static, fallback)
             for g in self.global_filters:
@@ -212,6 +282,6 @@ class Pipeline:
                     keep = g.apply(ctx, keep)
             until = min((f.valid_until(ctx) for f in self._static  # type: ignore[attr-defined]
                          if hasattr(f, "valid_until")), default=math.inf)
-            hit = self._masks[key] = _StaticMask(keep, ctx.needs_failover.copy(), until)
-        ctx.needs_failover[:] = hit.needs_failover
-        return hit.keep.copy()
+            hit = self._masks[key] = _StaticMask(keep, ctx.needs_failover.copy(), until,
+                                                 np.flatnonzero(keep))
+        return hit

@@ -37,6 +37,9 @@ class MetricSelector:
             raise ValueError("top_k must be >= 1")
         self.metrics = tuple(metrics)
         self.top_k = top_k
+        # the first least value of one lower-is-better metric: `Pipeline` may shortcut it
+        single = len(self.metrics) == 1 and top_k == 1 and self.metrics[0].lower_is_better
+        self.argmin_metric = self.metrics[0] if single else None
 
     def select(self, ctx: SchedulingContext, rows: np.ndarray) -> int:
         if len(self.metrics) == 1 and self.top_k == 1:

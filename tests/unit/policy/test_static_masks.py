@@ -68,3 +68,55 @@ def test_a_new_status_and_the_clock_invalidate_the_kept_mask() -> None:
     assert keep(61.5) == [True, True]
     state.set_status(1, status("b", ts_ms=50_000, schedulable=False))
     assert keep(61.6) == [True, False]
+
+
+def test_the_argmin_shortcut_picks_what_the_filter_passes_pick() -> None:
+    """Load-balance's shape (a soft bound and a selector on the same metric) is decided from
+    the cached static rows; the answer must equal the full passes', on both sides of the bound
+    (over it: the fallback pass), with ties, and when no row survives the static filters."""
+    rng = random.Random(11)
+    shortcut, _ = pipelines()
+    assert shortcut._argmin is not None
+    full, _ = pipelines()
+    full._argmin = None
+    for trial in range(300):
+        pairs = []
+        for i in range(rng.randint(1, 6)):
+            st = None if rng.random() < 0.1 else status(
+                f"i{i}", ts_ms=rng.choice([1_000, 90_000]), schedulable=rng.random() < 0.85,
+                num_uncomputed_tokens_all_waiting_prefills=rng.choice([0, 200, 200, 700, 900]))
+            pairs.append((meta(f"i{i}", rng.choice([InferType.NEUTRAL, InferType.PREFILL]),
+                               node=str(rng.randint(0, 3))), st))
+        state = state_of(*pairs)
+        for now in (10.0, 100.0):
+            candidates = rng.choice([np.ones(len(state), bool),
+                                     np.array([rng.random() < 0.7 for _ in range(len(state))])])
+            got = [p.pick(SchedulingContext(request(), state, now, rng), candidates)
+                   for p in (shortcut, full)]
+            assert got[0] == got[1], (trial, now)
+
+
+def test_the_shortcut_needs_the_same_metric_and_a_soft_bound() -> None:
+    other = make_metric("num_waiting_requests")
+    hard = Pipeline([Schedulable(), MetricThreshold(LOAD, 500.0, soft=False)],
+                    MetricSelector([LOAD]), [Failover("node")])
+    mismatched = Pipeline([Schedulable(), MetricThreshold(other, 5.0)],
+                          MetricSelector([LOAD]), [Failover("node")])
+    two_metrics = Pipeline([Schedulable(), MetricThreshold(LOAD, 500.0)],
+                           MetricSelector([LOAD, other]), [Failover("node")])
+    assert hard._argmin is None and mismatched._argmin is None and two_metrics._argmin is None
+
+
+def test_the_shortcut_serves_lite_pipelines_without_static_filters() -> None:
+    lite_metric = make_metric("num_tokens", full_mode=False)
+    lite = Pipeline([MetricThreshold(lite_metric, 1e9)], MetricSelector([lite_metric]))
+    assert lite._argmin is not None
+    state = state_of((meta("a"), None), (meta("b"), None), (meta("c"), None))
+    state.set_lite(0, 3, 900)
+    state.set_lite(1, 1, 100)
+    state.set_lite(2, 1, 100)
+    rng = random.Random(0)
+    ctx = SchedulingContext(request(), state, 0.0, rng)
+    assert lite.pick(ctx, np.ones(3, bool)) == 1  # the first of the least
+    assert lite.pick(SchedulingContext(request(), state, 0.0, rng),
+                     np.array([True, False, True])) == 2
