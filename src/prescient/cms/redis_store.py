@@ -18,8 +18,6 @@ from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ConstantBackoff, NoBackoff
 from redis.exceptions import RedisError
 
 from prescient.cms.codec import (
@@ -37,11 +35,11 @@ from prescient.cms.store import (
 )
 from prescient.errors import ConfigError
 from prescient.model import InstanceMetadata, InstanceStatus
+from prescient.redis_retry import call_deadline_s, retry_policy
 
 logger = logging.getLogger(__name__)
 
 SCAN_COUNT = 1000  # keys per SCAN step and per MGET batch
-RETRY_BACKOFF_S = 0.1  # upstream REDIS_RETRY_INTERVAL
 MAX_CONNECTIONS = 32  # per store; a llumlet or a reader uses one at a time
 
 _T = TypeVar("_T")
@@ -66,19 +64,15 @@ class RedisStore:
     def __init__(self, host: str, port: int, *, db: int = 0, username: str = "",
                  password: str = "", timeout_s: float = 1.0, retry_times: int = 1) -> None:
         self.address = f"{host}:{port}/{db}"
-        retry = (Retry(ConstantBackoff(RETRY_BACKOFF_S), retry_times) if retry_times > 0
-                 else Retry(NoBackoff(), 0))
         # a blocking pool: a burst of concurrent commands waits for a connection instead of
         # failing with "Too many connections"
         pool = aioredis.BlockingConnectionPool(
             max_connections=MAX_CONNECTIONS, timeout=timeout_s, host=host, port=port, db=db,
             username=username or None, password=password or None, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, retry=retry)
+            socket_connect_timeout=timeout_s, retry=retry_policy(retry_times))
         self._redis = aioredis.Redis.from_pool(pool)
         self._bad_keys: set[str] = set()
-        # every try's connect and read, plus the backoffs: a command that outlives this is
-        # wedged (seen with redis-py 8 on the first command after a Redis restart)
-        self._deadline_s = (retry_times + 1) * 2 * timeout_s + retry_times * RETRY_BACKOFF_S
+        self._deadline_s = call_deadline_s(timeout_s, retry_times)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, retry_times: int = 1) -> RedisStore:

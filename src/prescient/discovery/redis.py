@@ -22,8 +22,6 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ConstantBackoff, NoBackoff
 from redis.exceptions import RedisError
 
 from prescient.discovery.base import DiscoveredInstance, Listener
@@ -37,12 +35,12 @@ from prescient.discovery.codec import (
 from prescient.discovery.instance_set import InstanceSet
 from prescient.discovery.outage import OutageLog
 from prescient.discovery.registrar import REDIS_KEY_PREFIX, DiscoveryError
+from prescient.redis_retry import call_deadline_s, retry_policy
 from prescient.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SCAN_COUNT = 1000  # keys per SCAN step and per MGET batch
-RETRY_BACKOFF_S = 0.1  # pause between reconnect attempts (upstream REDIS_RETRY_INTERVAL)
 # Delete the key only if it still holds the expired record we read.
 _DELETE_IF_UNCHANGED = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -52,11 +50,10 @@ return 0
 
 def _client(host: str, port: int, db: int, username: str, password: str, timeout_s: float,
             retry_times: int) -> aioredis.Redis:
-    retry = (Retry(ConstantBackoff(RETRY_BACKOFF_S), retry_times) if retry_times > 0
-             else Retry(NoBackoff(), 0))
     return aioredis.Redis(
         host=host, port=port, db=db, username=username or None, password=password or None,
-        socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry)
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        retry=retry_policy(retry_times))
 
 
 class RedisResolver:
@@ -205,8 +202,7 @@ class RedisRegistrar:
                  key_ttl_s: float = 3600.0, wall_ms: Callable[[], int] = wall_clock_ms) -> None:
         self._redis = _client(host, port, db, username, password, timeout_s, retry_times)
         self._address = f"{host}:{port}/{db}"
-        # a write that outlives every try is wedged (redis-py 8, first command after a restart)
-        self._deadline_s = (retry_times + 1) * 2 * timeout_s + retry_times * RETRY_BACKOFF_S
+        self._deadline_s = call_deadline_s(timeout_s, retry_times)
         self._pod_name = pod_name
         self.key = REDIS_KEY_PREFIX + pod_name
         self._key_ttl_ms = max(1, round(key_ttl_s * 1000))
