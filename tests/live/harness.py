@@ -22,10 +22,20 @@ from urllib.parse import urlsplit
 SHARED_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 
 
+_GIVEN: set[int] = set()  # ports handed out in this process: the kernel may offer one again
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and not handed out before by this process (two servers
+    of one test asked for ports in a row could otherwise get the same one)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+    raise RuntimeError("no unused port after 100 tries")
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout_s: float = 15.0) -> None:

@@ -33,9 +33,7 @@ SCALE = 4.0  # decode steps ~2.5 ms of wall time: a 300-token answer takes about
 @contextlib.asynccontextmanager
 async def engine(name: str, **overrides: Any) -> AsyncIterator[tuple[str, str, SimEngineServer]]:
     """A sim-engine with its llumlet's gRPC service; yields (HTTP base, gRPC address, server)."""
-    port = grpc_port = free_port()
-    while grpc_port == port:
-        grpc_port = free_port()
+    port, grpc_port = free_port(), free_port()
     settings = SimEngineSettings(host="127.0.0.1", port=port, llumlet_port=grpc_port,
                                  instance_id=name, **{"time_scale": SCALE, **overrides})
     app = build_app(settings)
