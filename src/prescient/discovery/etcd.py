@@ -32,6 +32,7 @@ from prescient.discovery.etcd_client import GRPC_NOT_FOUND, EtcdClient, EtcdErro
 from prescient.discovery.instance_set import InstanceSet
 from prescient.discovery.outage import OutageLog
 from prescient.discovery.registrar import ETCD_KEY_PREFIX
+from prescient.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ class EtcdResolver:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         await self._client.close()
 

@@ -37,6 +37,7 @@ from prescient.cms.store import CmsStore, CmsStoreError
 from prescient.errors import ConfigError
 from prescient.llumlet.sources import StatusSource
 from prescient.model import InstanceMetadata, InstanceStatus
+from prescient.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,7 @@ class Llumlet:
         self._stopping = True
         task = self._task
         if task is not None and task is not asyncio.current_task() and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
+            await cancel_and_wait(task)  # its Redis writes may swallow one cancel
         try:
             await self.store.delete_instance(self.instance_id)
         except CmsStoreError as exc:

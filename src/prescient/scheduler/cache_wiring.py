@@ -37,6 +37,7 @@ from prescient.cache.kv_events import KvEventsIndex
 from prescient.config.scheduler import parse_kv_events_endpoints
 from prescient.model import InstanceMetadata, Request
 from prescient.policy.cache_aware import IndexHits, PrefetchedHits, PrefixHits, VllmHasher
+from prescient.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from prescient.cache.mooncake import MooncakeIndex
@@ -147,9 +148,7 @@ class LiveKvEvents:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self.subscriber is not None:
             await self.subscriber.close()
             self.subscriber = None
