@@ -25,6 +25,10 @@ The client sees one stream: events go out only whole (a partial event at the bre
 dropped with the connection), and the continuation's events are rewritten to the first
 attempt's `id` and `created`, its `usage` to the original prompt and all completion tokens,
 and its role-only first chat delta is dropped.
+
+A first attempt's events are kept as they went out and read only when something asks (a break,
+a continuation) or when `RAW_LIMIT` bytes wait: most streams end normally, and reading every
+event as it passed cost more CPU than forwarding it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import msgspec
 from prescient.tokenizer import Tokenizer
 
 DONE = b"data: [DONE]"
+RAW_LIMIT = 64 * 1024  # bytes of a first attempt's events kept unread (per stream)
 
 
 class _Usage(msgspec.Struct):
@@ -79,10 +84,12 @@ class Replay:
         self.kind = kind
         self._body = body
         self._tokenizer = tokenizer
-        self.done = False  # the upstream's `[DONE]` went out
-        self.finished = False  # a finish_reason went out: generation is over
+        self._done = False  # the upstream's `[DONE]` went out
+        self._finished = False  # a finish_reason went out: generation is over
         self.resumed = False  # a continuation is being streamed
         self._pending = b""  # an event not yet whole
+        self._unread: list[bytes] = []  # whole events sent and not yet read (`_read_sent`)
+        self._unread_bytes = 0
         self._id = ""
         self._created = 0
         self._texts: list[str] = []  # all text sent, every attempt
@@ -109,6 +116,18 @@ class Replay:
 
     # ---- the stream --------------------------------------------------------------------------
 
+    @property
+    def done(self) -> bool:
+        """The upstream's `[DONE]` went out."""
+        self._read_sent()
+        return self._done
+
+    @property
+    def finished(self) -> bool:
+        """A finish_reason went out: generation is over."""
+        self._read_sent()
+        return self._finished
+
     def feed(self, chunk: bytes) -> bytes:
         """The whole events in `chunk` (with what was pending), to send to the client:
         unchanged on the first attempt, rewritten on a continuation."""
@@ -120,18 +139,28 @@ class Replay:
         self._pending = data[end + 2:]
         whole = data[:end + 2]
         if not self.resumed:
-            for event in whole.split(b"\n\n")[:-1]:
-                self._track(event)
+            self._unread.append(whole)
+            self._unread_bytes += len(whole)
+            if self._unread_bytes > RAW_LIMIT:
+                self._read_sent()
             return whole
         out = [self._rewrite(event) for event in whole.split(b"\n\n")[:-1]]
         return b"".join(e + b"\n\n" for e in out if e)
+
+    def _read_sent(self) -> None:
+        """Take in the events sent since the last read."""
+        if self._unread:
+            data = b"".join(self._unread)
+            self._unread, self._unread_bytes = [], 0
+            for event in data.split(b"\n\n")[:-1]:
+                self._track(event)
 
     def _track(self, event: bytes) -> _Event | None:
         payload = _payload(event)
         if payload is None:
             return None
         if payload == b"[DONE]":
-            self.done = True
+            self._done = True
             return None
         try:
             parsed = _decode_event(payload)
@@ -145,7 +174,7 @@ class Replay:
                 self._texts.append(text)
                 self._attempt_text.append(text)
             if choice.finish_reason is not None:
-                self.finished = True
+                self._finished = True
         if parsed.usage is not None:
             self._attempt_tokens = parsed.usage.completion_tokens
             if not self.resumed and self._prompt_tokens is None:
@@ -176,6 +205,7 @@ class Replay:
 
     def tokens_sent(self) -> int:
         """Completion tokens the client has received, over every attempt."""
+        self._read_sent()
         if self._attempt_tokens is not None:
             return self._base_tokens + self._attempt_tokens
         text = "".join(self._attempt_text)
@@ -186,7 +216,7 @@ class Replay:
     def continuation(self) -> bytes | None:
         """The body that asks for the rest of the answer, and the state set to rewrite its
         events; None when the answer cannot be resumed (the caller ends it with an error)."""
-        sent = self.tokens_sent()
+        sent = self.tokens_sent()  # (reads what was sent)
         body = dict(self._body)
         for name in ("max_completion_tokens", "max_tokens"):
             limit = body.get(name)

@@ -90,3 +90,24 @@ def test_nothing_left_to_generate_is_not_resumed() -> None:
     r = replay("completion", {"model": "m", "prompt": "hi", "max_tokens": 2})
     r.feed(completion(" the of"))
     assert r.continuation() is None
+
+
+def test_a_long_stream_is_read_in_bounded_batches_and_resumes_with_all_its_text() -> None:
+    """Events are read only when asked or past RAW_LIMIT bytes: the unread part stays bounded
+    and nothing is lost to the laziness."""
+    from prescient.gateway.replay import RAW_LIMIT
+
+    r = replay("completion", {"model": "m", "prompt": "hi", "max_tokens": 50000, "stream": True})
+    words = [f" w{i}" for i in range(3000)]
+    for w in words:
+        r.feed(completion(w))
+        assert r._unread_bytes <= RAW_LIMIT
+    assert not r.finished and not r.done
+    r.feed(completion("", finish="length") + b"data: [DONE]\n\n")
+    assert r.finished and r.done
+    fresh = replay("completion", {"model": "m", "prompt": "hi", "max_tokens": 50000,
+                                  "stream": True})
+    for w in words:
+        fresh.feed(completion(w))
+    resumed = json.loads(fresh.continuation() or b"null")
+    assert resumed["prompt"] == "hi" + "".join(words)
