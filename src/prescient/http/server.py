@@ -19,7 +19,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from http import HTTPStatus
 
 import httptools
@@ -35,6 +35,17 @@ ErrorBody = Callable[[int, str], bytes]  # (status, message) -> body, e.g. an Op
 Handler = Callable[["Request", "Response"], Awaitable[None]]
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+class _Ready:
+    """An awaitable that is done at once (cheaper than a coroutine that returns)."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+_READY = _Ready()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
@@ -135,8 +146,17 @@ class Response:
             self._head = b""
         self._conn.transport.write(frame)
 
-    async def drain(self) -> None:
-        """Wait while the client is not reading (the transport's buffer is over its limit)."""
+    def drain(self) -> Awaitable[None]:
+        """Wait while the client is not reading (the transport's buffer is over its limit).
+
+        Mostly there is nothing to wait for: then no coroutine is made (one per forwarded
+        chunk otherwise)."""
+        conn = self._conn
+        if not self._head and (not conn._write_paused or conn.closed):
+            return _READY
+        return self._drain()
+
+    async def _drain(self) -> None:
         if self._head and not self._conn.closed:
             self._conn.transport.write(self._head)
             self._head = b""
