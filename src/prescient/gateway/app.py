@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -84,6 +85,10 @@ class Gateway:
         self._forward_tokens = (settings.forward_tokens and scheduler is not None
                                 and getattr(scheduler, "wants_token_ids", True))
         self._max_model_len = settings.max_model_len
+        # ids for requests that bring none: a random prefix per gateway (several may share a
+        # scheduler) and a counter, without a system call per request
+        prefix, counter = os.urandom(8).hex(), itertools.count()
+        self._new_id = lambda: f"{prefix}{next(counter):016x}"  # 32 hex digits
         self.router = self._routes()
 
     def _routes(self) -> Router:
@@ -152,7 +157,7 @@ class Gateway:
             metrics.request_done(kind, e.status)
             return
         schedule = ScheduleRequest(
-            id=request.headers.get("x-request-id") or os.urandom(16).hex(), model=parsed.model,
+            id=request.headers.get("x-request-id") or self._new_id(), model=parsed.model,
             gateway_id=self.gateway_id, prompt_num_tokens=parsed.num_prompt_tokens,
             prompt_token_ids=parsed.prompt_ids)
         metrics.in_flight += 1
