@@ -52,6 +52,12 @@ from prescient.sim.cluster import InstanceSpec, SimSettings, simulate  # noqa: E
 from prescient.sim.traces import load_trace  # noqa: E402
 
 TABLE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# decode calibration: B streams of DECODE_TOKENS tokens, timed over their steady middle (gaps
+# 10..-10: a mean of ~48 generated tokens), after short or long prompts; the difference gives
+# the cost of a decode's context (the table's c_kv), which short prompts alone cannot show
+DECODE_TOKENS, SHORT_PROMPT, LONG_PROMPT = 96, 16, 1024
+SHORT_CTX, LONG_CTX = SHORT_PROMPT + 48, LONG_PROMPT + 48
+LOADED_DECODES = 3  # streams decoding while the prefill-sized steps are timed, as in a replay
 PRESET = "tiny-llama-cpu"
 PRESET_FILE = PRESET_DIR / f"preset_{PRESET}.json"
 MAX_PROMPT, MAX_OUTPUT = 1500, 256
@@ -120,14 +126,56 @@ async def calibrate(engine: VllmEngine, url: str) -> dict[str, object]:
             for _ in range(5):
                 s = await stream(http, url, tokens_of(rng, p), 2)
                 prefill.setdefault(p, []).append(s.ttft)
-        # decode: B concurrent streams, short prompts, 96 tokens each
-        decode: dict[int, list[float]] = {}
-        for b in (1, 2, 4, 8, 16, 32, 64):
-            runs = await asyncio.gather(*(stream(http, url, tokens_of(rng, 16), 96)
-                                          for _ in range(b)))
-            decode[b] = [g for s in runs for g in s.gaps[10:-10]]  # steady state only
-    steps = steps_since(engine, offset)
-    return {"prefill": prefill, "decode": decode, "steps": steps.tolist()}
+        # decode: B concurrent streams, short prompts, then (fewer) long ones
+        async def periods(b: int, prompt: int) -> list[float]:
+            runs = await asyncio.gather(*(stream(http, url, tokens_of(rng, prompt),
+                                                 DECODE_TOKENS) for _ in range(b)))
+            return [g for s in runs for g in s.gaps[10:-10]]  # steady state only
+
+        decode = {b: await periods(b, SHORT_PROMPT) for b in (1, 2, 4, 8, 16, 32, 64)}
+        decode_long = {b: await periods(b, LONG_PROMPT) for b in (1, 4, 8, 16)}
+        # prefill-sized steps as a replay runs them: prompts arriving while others decode
+        loaded_offset = engine.log_size()
+        background = [asyncio.create_task(stream(http, url, tokens_of(rng, LONG_PROMPT),
+                                                 MAX_OUTPUT)) for _ in range(LOADED_DECODES)]
+        await asyncio.sleep(0.1)
+        for p in (256, 512, 1024, 1500):
+            for _ in range(3):
+                await stream(http, url, tokens_of(rng, p), 2)
+        await asyncio.gather(*background)
+    loaded = steps_since(engine, loaded_offset)
+    steps = steps_since(engine, offset)[:-len(loaded) or None]
+    return {"prefill": prefill, "decode": decode, "decode_long": decode_long,
+            "steps": steps.tolist(), "steps_loaded": loaded.tolist()}
+
+
+async def idle_wakeup(url: str) -> None:
+    """TTFT of one request after the engine idled for a while: sequential 2-token requests,
+    each after a pause of `gap` (the calibration sends them back to back)."""
+    rng = random.Random(3)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):  # warm-up
+            await stream(http, url, tokens_of(rng, 64), 2)
+        for p in (64, 1024):
+            for gap in (0.0, 0.05, 0.3, 1.0):
+                ttfts = []
+                for _ in range(15):
+                    await asyncio.sleep(gap)
+                    ttfts.append((await stream(http, url, tokens_of(rng, p), 2)).ttft * 1e3)
+                print(f"prompt {p:5d} tokens, idle {gap:4.2f} s before each: TTFT median "
+                      f"{statistics.median(ttfts):6.2f} ms, min {min(ttfts):6.2f} ms", flush=True)
+
+
+def _binned_model_times(steps: np.ndarray) -> list[tuple[float, float]]:
+    """(median scheduled tokens, median model ms) per TABLE_TOKENS bin with >= 3 steps."""
+    scheduled = steps[:, 2] + steps[:, 4]
+    elapsed = steps[:, 5]
+    out = []
+    for lo, hi in zip(TABLE_TOKENS, (*TABLE_TOKENS[1:], 10**9), strict=True):
+        mask = (scheduled >= lo) & (scheduled < hi)
+        if mask.sum() >= 3:
+            out.append((float(np.median(scheduled[mask])), float(np.median(elapsed[mask]))))
+    return out
 
 
 def fit_preset(cal: dict[str, object]) -> dict[str, object]:
@@ -137,16 +185,19 @@ def fit_preset(cal: dict[str, object]) -> dict[str, object]:
     largest calibrated decode batch, the median token gap of B concurrent decode streams (a
     decode step schedules B tokens); above, prefill-sized steps: vLLM's median model time for
     that many tokens plus the loop overhead a single decode showed (its period minus its model
-    time). The per-request cost is an idle engine's TTFT minus its prefill step's period.
+    time), timed while `LOADED_DECODES` other streams decode (a replay's prefills rarely run
+    alone). `c_kv` (ms per decode per token of its context) is the long-prompt streams' extra
+    period over the short-prompt ones; the decode periods in the table have their own
+    contexts' share taken out, since the step model adds `c_kv` x the decodes' contexts. The
+    per-request cost is an idle engine's TTFT minus its prefill step's period.
     """
     steps = np.array(cal["steps"])  # type: ignore[arg-type]
-    scheduled = steps[:, 2] + steps[:, 4]
-    elapsed = steps[:, 5]
-    model: list[tuple[float, float]] = []
-    for lo, hi in zip(TABLE_TOKENS, (*TABLE_TOKENS[1:], 10**9), strict=True):
-        mask = (scheduled >= lo) & (scheduled < hi)
-        if mask.sum() >= 3:
-            model.append((float(np.median(scheduled[mask])), float(np.median(elapsed[mask]))))
+    model = _binned_model_times(steps)
+    # prefill-sized steps: as timed while others decode, where there are enough of them
+    loaded = _binned_model_times(np.array(cal.get("steps_loaded", [])).reshape(-1, 6))
+    loaded = [(x, y) for x, y in loaded if x >= 128]
+    if loaded:
+        model = [(x, y) for x, y in model if x < min(x for x, _ in loaded)] + loaded
 
     def model_ms(tokens: float) -> float:
         xs, ys = zip(*model, strict=True)
@@ -154,6 +205,12 @@ def fit_preset(cal: dict[str, object]) -> dict[str, object]:
 
     decode = {int(b): gaps for b, gaps in cal["decode"].items() if gaps}  # type: ignore[union-attr]
     periods = {b: statistics.median(gaps) * 1e3 for b, gaps in sorted(decode.items())}
+    long = {int(b): gaps for b, gaps in cal.get("decode_long", {}).items()  # type: ignore[union-attr]
+            if gaps and int(b) in periods}
+    slopes = [(statistics.median(gaps) * 1e3 - periods[b]) / (b * (LONG_CTX - SHORT_CTX))
+              for b, gaps in long.items()]
+    c_kv = max(statistics.median(slopes), 0.0) if slopes else 0.0
+    periods = {b: p - c_kv * b * SHORT_CTX for b, p in periods.items()}
     overhead = max(periods[min(periods)] - model_ms(float(min(periods))), 0.0)
     largest = max(periods)
     table = [(float(b), p) for b, p in periods.items()]
@@ -166,7 +223,7 @@ def fit_preset(cal: dict[str, object]) -> dict[str, object]:
         statistics.median(t) * 1e3 - float(np.interp(float(p), table_x, table_y))
         for p, t in prefill.items())  # type: ignore[union-attr]
     return {"tokens": [round(x) for x in table_x], "ms": [round(y, 4) for y in table_y],
-            "c_seq": 0.0, "step_overhead_ms": round(overhead, 4),
+            "c_seq": 0.0, "c_kv": round(c_kv, 8), "step_overhead_ms": round(overhead, 4),
             "frontend_ms": round(max(frontend, 0.0), 4),
             "source": "bench/vllm_fidelity.py --write-preset: vLLM 0.32 CPU, one core, behind "
                       f"a lite gateway, {len(steps)} steps, {time.strftime('%Y-%m-%d')}"}
@@ -353,7 +410,48 @@ def compare(live: dict[str, Stream], sim: dict[str, tuple[float | None, float | 
         print(f"wrote {plot}")
 
 
-def main() -> None:
+def write_preset(venv: Path, work: Path) -> None:
+    """Calibrate one engine behind a gateway and store the fitted preset."""
+    engine = VllmEngine(venv, free_port(), 0, work,
+                        extra_env={"PRESCIENT_QUIET_ITERATION_LOGS": "0"})
+    engine.start()
+    port = free_port()
+    try:
+        engine.wait_ready()
+        with gateway([engine], port, work, venv):
+            cal = asyncio.run(calibrate(engine, f"http://127.0.0.1:{port}"))
+    finally:
+        engine.stop()
+    fitted = fit_preset(cal)
+    PRESET_FILE.write_text(json.dumps(fitted, indent=1) + "\n")
+    print(f"wrote {PRESET_FILE}: step periods {fitted['ms']} ms at "
+          f"{fitted['tokens']} tokens (loop overhead {fitted['step_overhead_ms']:.2f} "
+          f"ms), {fitted['c_kv'] * 1e3:.3f} us per decode per context token, serving "
+          f"path {fitted['frontend_ms']:.2f} ms per request")
+
+
+def measure_idle_wakeup(venv: Path, work: Path) -> None:
+    engine = VllmEngine(venv, free_port(), 0, work)
+    engine.start()
+    try:
+        engine.wait_ready()
+        asyncio.run(idle_wakeup(engine.url))
+    finally:
+        engine.stop()
+
+
+def resimulate(dump: str, n_engines: int, plot: str | None) -> None:
+    """The requests of a `--dump` file simulated again (the preset as it is now), compared
+    with that run's real timings: the model changed, the engines did not."""
+    rows = json.loads(Path(dump).read_text())
+    requests = [Request(request_id=r["id"], prompt_len=r["prompt"], output_len=r["output"],
+                        arrival_time=r["arrival"]) for r in rows]
+    live = {r["id"]: Stream(r["ttft"], [r["tpot"]] if r["tpot"] is not None else [],
+                            r["output"]) for r in rows}
+    compare(live, sim_run(requests, n_engines), plot, n_engines)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-preset", action="store_true",
                         help=f"calibrate first and store the result as preset {PRESET}")
@@ -362,30 +460,31 @@ def main() -> None:
     parser.add_argument("--engines", type=int, choices=(1, 2), default=2,
                         help="real engines (one per core) and simulated instances")
     parser.add_argument("--plot", default="", help="write the CDF plot here (PNG)")
-    parser.add_argument("--direct", action="store_true",
-                        help="replay straight to the engine, without a gateway (--engines 1)")
     parser.add_argument("--dump", default="",
                         help="write each request's lengths and real/simulated timings here (JSON)")
-    args = parser.parse_args()
+    parser.add_argument("--resimulate", default="", metavar="DUMP",
+                        help="no engines: simulate the requests of a --dump file again (with "
+                             "the preset as it is now) and compare with its real timings")
+    parser.add_argument("--idle-wakeup", action="store_true",
+                        help="only measure one engine's TTFT after idle pauses of 0-1 s, direct")
+    parser.add_argument("--direct", action="store_true",
+                        help="replay straight to the engine, without a gateway (--engines 1)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.resimulate:
+        resimulate(args.resimulate, args.engines, args.plot or None)
+        return
     venv = vllm_venv()
     with tempfile.TemporaryDirectory(prefix="pvf-") as d:
         work = Path(d)
+        if args.idle_wakeup:
+            measure_idle_wakeup(venv, work)
+            return
         if args.write_preset:
-            engine = VllmEngine(venv, free_port(), 0, work,
-                                extra_env={"PRESCIENT_QUIET_ITERATION_LOGS": "0"})
-            engine.start()
-            port = free_port()
-            try:
-                engine.wait_ready()
-                with gateway([engine], port, work, venv):
-                    cal = asyncio.run(calibrate(engine, f"http://127.0.0.1:{port}"))
-            finally:
-                engine.stop()
-            fitted = fit_preset(cal)
-            PRESET_FILE.write_text(json.dumps(fitted, indent=1) + "\n")
-            print(f"wrote {PRESET_FILE}: step periods {fitted['ms']} ms at "
-                  f"{fitted['tokens']} tokens (loop overhead {fitted['step_overhead_ms']:.2f} "
-                  f"ms), serving path {fitted['frontend_ms']:.2f} ms per request")
+            write_preset(venv, work)
         requests = workload(args.requests, args.rate_scale)
         live, steps = live_run(venv, work, requests, args.engines, args.direct)
     print(f"{len(requests)} requests of azure-conv, rate x{args.rate_scale:g}, prompts <= "
