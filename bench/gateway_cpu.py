@@ -27,6 +27,7 @@ Run from the repository root:
     .venv/bin/python bench/gateway_cpu.py                  # all setups, ~2 minutes
     .venv/bin/python bench/gateway_cpu.py --quick          # 2 s windows, fewer setups
     .venv/bin/python bench/gateway_cpu.py --setup gw-fake --profile   # cProfile the gateway
+    PYTHONPATH=/other/checkout/src .venv/bin/python bench/gateway_cpu.py ...   # another version
 
 Goal (issue: match the Rust routers per core): <= ~50 us of gateway CPU per non-stream request
 including the scheduling call (vllm-router: 47 us), TCP_NODELAY on client sockets.
@@ -413,8 +414,14 @@ def _wait_port(port: int) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def _pythonpath() -> str:
+    """This checkout's sources, after any PYTHONPATH given (to run another version's)."""
+    given = os.environ.get("PYTHONPATH")
+    return f"{given + ':' if given else ''}{ROOT / 'src'}:{ROOT}"
+
+
 def _spawn(*args: str, core: int | None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     pre = ["taskset", "-c", str(core)] if core is not None and os.cpu_count() > 1 else []
     return subprocess.Popen([*pre, sys.executable, __file__, *args], env=env)
 
@@ -440,7 +447,7 @@ def _measure(setup: str, stream: bool, args: argparse.Namespace) -> dict[str, fl
              str(target), "--watch", str(watch), "--connections", str(args.connections),
              "--warmup", str(args.warmup), "--duration", str(args.duration),
              *(["--stream"] if stream else [])],
-            env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}, capture_output=True,
+            env={**os.environ, "PYTHONPATH": _pythonpath()}, capture_output=True,
             check=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
