@@ -266,8 +266,9 @@ async def _gateway(port: int, engines: list[int], setup: str, profile: str) -> N
         gateway = await _full_mode_gateway(flags, engines)
     await gateway.start()
     server = await gateway.serve("127.0.0.1", port)
-    from prescient.service import freeze_heap_later
-    freeze_heap_later(asyncio.get_running_loop(), 1.0)  # as `prescient gateway` does
+    from prescient import service
+    if hasattr(service, "freeze_heap_later"):  # (not in older checkouts measured side by side)
+        service.freeze_heap_later(asyncio.get_running_loop(), 1.0)  # as `prescient gateway`
     if profile:
         import cProfile
 
