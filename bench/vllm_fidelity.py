@@ -126,6 +126,8 @@ async def calibrate(engine: VllmEngine, url: str) -> dict[str, object]:
             for _ in range(5):
                 s = await stream(http, url, tokens_of(rng, p), 2)
                 prefill.setdefault(p, []).append(s.ttft)
+        # the same 64-token prefill after idle spells: what waking the engine costs
+        wake = {gap: await ttft_after_idle(http, url, rng, 64, gap, 8) for gap in IDLE_GAPS}
         # decode: B concurrent streams, short prompts, then (fewer) long ones
         async def periods(b: int, prompt: int) -> list[float]:
             runs = await asyncio.gather(*(stream(http, url, tokens_of(rng, prompt),
@@ -145,23 +147,33 @@ async def calibrate(engine: VllmEngine, url: str) -> dict[str, object]:
         await asyncio.gather(*background)
     loaded = steps_since(engine, loaded_offset)
     steps = steps_since(engine, offset)[:-len(loaded) or None]
-    return {"prefill": prefill, "decode": decode, "decode_long": decode_long,
+    return {"prefill": prefill, "wake": wake, "decode": decode, "decode_long": decode_long,
             "steps": steps.tolist(), "steps_loaded": loaded.tolist()}
 
 
+IDLE_GAPS = (0.05, 0.3, 1.0)  # seconds an engine idles before a request (idle wake-up)
+
+
+async def ttft_after_idle(http: aiohttp.ClientSession, url: str, rng: random.Random,
+                          prompt: int, gap: float, n: int) -> list[float]:
+    """TTFTs (s) of `n` sequential 2-token requests, each after `gap` s of idling."""
+    ttfts = []
+    for _ in range(n):
+        await asyncio.sleep(gap)
+        ttfts.append((await stream(http, url, tokens_of(rng, prompt), 2)).ttft)
+    return ttfts
+
+
 async def idle_wakeup(url: str) -> None:
-    """TTFT of one request after the engine idled for a while: sequential 2-token requests,
-    each after a pause of `gap` (the calibration sends them back to back)."""
+    """TTFT of one request after the engine idled for a while (the calibration's requests
+    come back to back)."""
     rng = random.Random(3)
     async with aiohttp.ClientSession() as http:
         for _ in range(5):  # warm-up
             await stream(http, url, tokens_of(rng, 64), 2)
         for p in (64, 1024):
-            for gap in (0.0, 0.05, 0.3, 1.0):
-                ttfts = []
-                for _ in range(15):
-                    await asyncio.sleep(gap)
-                    ttfts.append((await stream(http, url, tokens_of(rng, p), 2)).ttft * 1e3)
+            for gap in (0.0, *IDLE_GAPS):
+                ttfts = [t * 1e3 for t in await ttft_after_idle(http, url, rng, p, gap, 15)]
                 print(f"prompt {p:5d} tokens, idle {gap:4.2f} s before each: TTFT median "
                       f"{statistics.median(ttfts):6.2f} ms, min {min(ttfts):6.2f} ms", flush=True)
 
@@ -189,7 +201,8 @@ def fit_preset(cal: dict[str, object]) -> dict[str, object]:
     alone). `c_kv` (ms per decode per token of its context) is the long-prompt streams' extra
     period over the short-prompt ones; the decode periods in the table have their own
     contexts' share taken out, since the step model adds `c_kv` x the decodes' contexts. The
-    per-request cost is an idle engine's TTFT minus its prefill step's period.
+    per-request cost is an idle engine's TTFT minus its prefill step's period; the wake-up
+    table, how much later a 64-token prefill answers after an idle spell than back to back.
     """
     steps = np.array(cal["steps"])  # type: ignore[arg-type]
     model = _binned_model_times(steps)
@@ -222,7 +235,12 @@ def fit_preset(cal: dict[str, object]) -> dict[str, object]:
     frontend = statistics.median(
         statistics.median(t) * 1e3 - float(np.interp(float(p), table_x, table_y))
         for p, t in prefill.items())  # type: ignore[union-attr]
+    base = statistics.median({int(p): t for p, t in prefill.items()}[64]) * 1e3  # type: ignore[union-attr]
+    wake = [(0.0, 0.0)] + [
+        (float(gap), round(max(statistics.median(t) * 1e3 - base, 0.0), 3))
+        for gap, t in sorted(cal.get("wake", {}).items(), key=lambda kv: float(kv[0]))]  # type: ignore[union-attr]
     return {"tokens": [round(x) for x in table_x], "ms": [round(y, 4) for y in table_y],
+            "idle_wakeup_ms": wake if len(wake) > 1 else [],
             "c_seq": 0.0, "c_kv": round(c_kv, 8), "step_overhead_ms": round(overhead, 4),
             "frontend_ms": round(max(frontend, 0.0), 4),
             "source": "bench/vllm_fidelity.py --write-preset: vLLM 0.32 CPU, one core, behind "
@@ -427,7 +445,8 @@ def write_preset(venv: Path, work: Path) -> None:
     print(f"wrote {PRESET_FILE}: step periods {fitted['ms']} ms at "
           f"{fitted['tokens']} tokens (loop overhead {fitted['step_overhead_ms']:.2f} "
           f"ms), {fitted['c_kv'] * 1e3:.3f} us per decode per context token, serving "
-          f"path {fitted['frontend_ms']:.2f} ms per request")
+          f"path {fitted['frontend_ms']:.2f} ms per request, idle wake-up (s, ms) "
+          f"{fitted['idle_wakeup_ms']}")
 
 
 def measure_idle_wakeup(venv: Path, work: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import msgspec
+import numpy as np
 
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,6 +35,10 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     queue_policy: Literal["fcfs", "spf"] = "fcfs"  # waiting order: arrival, or shortest
     # predicted output first; each second of waiting counts as this many tokens shorter
     aging_tokens_per_s: float = 100.0
+    # The first step after the engine idled for s seconds starts this many ms late: pairs
+    # (s, ms), ascending in s, interpolated, flat past the last (a CPU engine's processes
+    # fall asleep: bench/vllm_fidelity.py measures it). Empty: steps start at once.
+    idle_wakeup_ms: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:
@@ -49,3 +54,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("LENS needs 0 < min step <= target step and a queue threshold >= 1")
         if self.lens_max_chunk < 1 or not 1 <= self.lens_min_start_tokens <= self.lens_max_chunk:
             raise ValueError("LENS needs 1 <= lens_min_start_tokens <= lens_max_chunk")
+        idle = [s for s, _ in self.idle_wakeup_ms]
+        if idle != sorted(set(idle)) or any(s < 0 or ms < 0 for s, ms in self.idle_wakeup_ms):
+            raise ValueError("idle_wakeup_ms needs (seconds, ms) pairs, >= 0, seconds ascending")
+
+    def wakeup_s(self, idle_s: float) -> float:
+        """How late the first step after `idle_s` idle seconds starts, seconds."""
+        table = self.idle_wakeup_ms
+        if not table or idle_s <= 0:
+            return 0.0
+        xs, ys = zip(*table, strict=True)
+        return float(np.interp(idle_s, xs, ys)) / 1000.0

@@ -107,6 +107,7 @@ class SimEngine:
         self._finish_heap: list[tuple[int, int, int, EngineRequest]] = []
         self._heap_seq = count()
         self._plan: _Plan | None = None
+        self._idle_since: float | None = None  # when a step last found nothing to do
         self._num_added = 0
         self._seen: deque[tuple[int, float, str]] = deque()  # (seq, arrival, id), recent only
         self._dec_need = 0  # blocks this step's decodes allocate (valid while scheduling)
@@ -165,10 +166,15 @@ class SimEngine:
         if self._plan is not None:
             raise RuntimeError(f"{self.instance_id}: a step is already in flight")
         if not self.has_work:
+            if self._idle_since is None:
+                self._idle_since = now
             return None
         self._plan = self._schedule(now)
         if self._plan is None:
             return None  # only blocks reserved for incoming migrations could run; wait for them
+        if self._idle_since is not None:  # the engine wakes up first (a single step: new work)
+            self._plan.start += self.config.wakeup_s(now - self._idle_since)
+            self._idle_since = None
         self._num_updates += 1
         return self._plan.end
 
