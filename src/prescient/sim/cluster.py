@@ -156,6 +156,7 @@ def build_engines(instances: Sequence[InstanceSpec]) -> dict[str, SimEngine]:
                 lens_queue_threshold=spec.lens_queue_threshold,
                 lens_max_chunk=spec.lens_max_chunk,
                 aging_tokens_per_s=spec.aging_tokens_per_s,
+                idle_wakeup_ms=preset.idle_wakeup_ms,
             )
         except ValueError as e:
             raise ConfigError(f"instance {spec.instance_id}: {e}") from e

@@ -94,6 +94,7 @@ def make_engine(settings: SimEngineSettings) -> SimEngine:
             enable_prefix_caching=settings.enable_prefix_caching,
             enable_profiling=settings.enable_profiling,
             profiling_steps=settings.profiling_steps,
+            idle_wakeup_ms=preset.idle_wakeup_ms,
         )
     except ValueError as e:
         raise ConfigError(f"sim-engine flags: {e}") from None
