@@ -43,10 +43,15 @@ does) whenever the predictor or the slo policy is on.
 4. Plot: p99 TTFT against the poll interval (account on), to `--figures`.
 
 Independent runs go to a process pool (`--jobs`, default 2); results do not depend on it.
+`--goal` runs only the p99 TTFT runs of load-balance with prediction on (account on) at
+`--polls` for `--seeds` and prints the ratios; `--with-off` and `--with-no-seq-limit` add the
+same runs with prediction off and with the replay's seq limit off (`PredictorEnhancement`
+built as without the engines' `max_num_seqs`, i.e. the replay before the limit was known).
 Run from the repository root:
 
     .venv/bin/python bench/predict_value.py            # the recorded numbers (~22 min)
     .venv/bin/python bench/predict_value.py --quick    # smoke run (~2.5 min), seed 0
+    .venv/bin/python bench/predict_value.py --goal --jobs 1   # the goal's pairs, seeds 0-2
 
 Markdown tables are printed as they go into bench/RESULTS.md.
 """
@@ -115,6 +120,7 @@ class Config:
     poll_ms: int
     predict: bool
     account: bool = True
+    seq_limit: bool = True  # the replay's seq limit (PredictorEnhancement.seq_limit)
 
     @property
     def label(self) -> str:
@@ -122,6 +128,8 @@ class Config:
                  "prediction on" if self.predict else "prediction off"]
         if not self.account:
             parts.append("local account off")
+        if self.predict and not self.seq_limit:
+            parts.append("seq limit off")
         return ", ".join(parts)
 
     @property
@@ -204,6 +212,9 @@ def run(config: Config, scale: float, seed: int, profiles: str, probe: str = "")
     model = slo_model(profiles) if config.policy == SLO_POLICY else None
     t0 = time.perf_counter()
     sim = ClusterSim(requests, specs(config.profiling), config.policy, settings, slo_model=model)
+    for feature in sim.policy.features:
+        if isinstance(feature, PredictorEnhancement):
+            feature.seq_limit = config.seq_limit
     recorder = (PrefillProbe(sim) if probe == "prefill" else TtftProbe(sim) if probe == "ttft"
                 else None)
     result = sim.run()
@@ -640,15 +651,76 @@ def sweep_configs() -> list[Config]:
             for predict in (False, True) for p in POLLS]
 
 
+def goal_only(args: argparse.Namespace) -> int:
+    """`--goal`: only the p99 TTFT of load-balance (account on) at `--polls` for `--seeds`,
+    with prediction on (and off with `--with-off`, with the seq limit off with
+    `--with-no-seq-limit`), and the goal's ratio per seed."""
+    load = round(LOAD_FRACTION * args.capacity, 4)
+    seeds = tuple(args.seeds)
+    configs = [Config(LB, p, True) for p in args.polls]
+    if args.with_no_seq_limit:
+        configs += [Config(LB, p, True, seq_limit=False) for p in args.polls]
+    if args.with_off:
+        configs += [Config(LB, p, False) for p in args.polls]
+    print(f"--goal: load-balance, local account on, rate scale {load}, seeds {seeds}, "
+          f"polls {args.polls} ms, {args.jobs} job(s)")
+    t_start = time.perf_counter()
+    with Inline() if args.jobs <= 1 else ProcessPoolExecutor(args.jobs) as pool:
+        jobs = {(c, seed): pool.submit(run, c, load, seed, "") for seed in seeds
+                for c in configs}
+        table = {key: job.result() for key, job in jobs.items()}
+    print("\n| configuration | " + " | ".join(f"seed {s} p99 TTFT ms" for s in seeds) + " |")
+    print("|---|" + "---:|" * len(seeds))
+    for c in configs:
+        print(f"| {c.label} | " + " | ".join(ms(p99_of(table, c, s)) for s in seeds) + " |")
+    fast = min(args.polls)
+    for slow in sorted(set(args.polls) - {fast}):
+        print(f"\n| p99 TTFT ratio, poll {slow} ms / poll {fast} ms | "
+              + " | ".join(f"seed {s}" for s in seeds) + " | goal |")
+        print("|---|" + "---:|" * len(seeds) + "---|")
+        for predict, seq_limit in ((True, True), (True, False), (False, True)):
+            num, den = (Config(LB, p, predict, seq_limit=seq_limit) for p in (slow, fast))
+            if (num, seeds[0]) not in table:
+                continue
+            ratios = [p99_of(table, num, s) / p99_of(table, den, s) for s in seeds]
+            cells = [f"{x:.2f} ({ms(p99_of(table, num, s))} / {ms(p99_of(table, den, s))})"
+                     for s, x in zip(seeds, ratios, strict=True)]
+            missed = [s for s, x in zip(seeds, ratios, strict=True) if x > GOAL_RATIO]
+            judged = predict and seq_limit and (slow, fast) == (max(GOAL_POLLS), min(GOAL_POLLS))
+            goal = (f"<= {GOAL_RATIO:.2f}: **{verdict(not missed)}**"
+                    + (f" (seeds {', '.join(map(str, missed))})" if missed else "")
+                    if judged else "(reference)")
+            print(f"| {num.label.replace(f'poll {slow} ms, ', '')} | " + " | ".join(cells)
+                  + f" | {goal} |")
+    walls = sorted(r.wall_s for r in table.values())
+    print(f"\nsimulate() wall per run: {walls[0]:.1f}-{walls[-1]:.1f} s; benchmark wall time "
+          f"{time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (not the recorded one)")
+    parser.add_argument("--goal", action="store_true",
+                        help="only the goal's runs: p99 TTFT with prediction on at --polls for "
+                             "--seeds, and the ratio (no goodput, probes or plot)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT.seeds),
+                        help="--goal: seeds (default 0 1 2)")
+    parser.add_argument("--polls", type=int, nargs="+", default=list(GOAL_POLLS),
+                        help="--goal: CMS poll intervals, ms (default 50 1000; ratios are "
+                             "each slower poll's over the fastest's)")
+    parser.add_argument("--with-off", action="store_true",
+                        help="--goal: also the runs with prediction off")
+    parser.add_argument("--with-no-seq-limit", action="store_true",
+                        help="--goal: also the runs with the replay's seq limit off")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--capacity", type=float, default=CAPACITY,
                         help=f"oracle capacity, rate scale (default {CAPACITY})")
     parser.add_argument("--figures", type=Path, default=Path("bench/figures"),
                         help="where staleness_p99.png goes")
     args = parser.parse_args(argv)
+    if args.goal:
+        return goal_only(args)
     mode = QUICK if args.quick else DEFAULT
     t_start = time.perf_counter()
     base = base_trace()

@@ -10,6 +10,8 @@ Decoding follows protobuf's rules, as upstream's reader sees the same bytes:
 - a field missing from the record reads as its zero value (`schedulable` False, `profiling_id`
   0, empty strings), not as the model's Python default; proto3 cannot tell "absent" from "zero";
 - unknown fields (e.g. upstream's newer multimodal status fields 41-46) are ignored;
+- Prescient's extension fields (numbers from 1001 on, e.g. metadata `max_num_seqs`) are absent
+  from an upstream record and read as 0, which the model documents as "unknown";
 - an empty `instance_type` reads as neutral (the proto3 default string); any other value that
   is not prefill/decode/neutral is an error naming the instance;
 - the caller may pass the id it expects (from the Redis key): an empty record id is filled from

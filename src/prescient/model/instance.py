@@ -2,7 +2,9 @@
 
 Field names, order and meaning follow upstream Llumnix v1's `cms.proto` (metadata fields 1-20,
 status fields 1-40), so that a status written by an upstream llumlet reads the same here. The
-comment after each field gives its proto field number and unit.
+comment after each field gives its proto field number and unit. Prescient's own extensions use
+field numbers from 1001 on, far above upstream's, and read as 0 ("unknown") from a record that
+lacks them (one written by upstream).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class InstanceMetadata(msgspec.Struct, frozen=True, kw_only=True):
     ip_kvt: str = ""  # 18
     block_size: int = 16  # 19: tokens per KV block
     max_num_batched_tokens: int = 0  # 20: the engine's chunk budget per step
+    # 1001 (Prescient extension): the engine's `max_num_seqs`, the requests it runs at once
+    # (prefilling and decoding); 0: unknown (upstream records)
+    max_num_seqs: int = 0
 
 
 class InstanceStatus(msgspec.Struct, kw_only=True):

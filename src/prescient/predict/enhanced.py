@@ -39,6 +39,15 @@ fitted as `DecodeAwareStepTime`, used per instance at its status's decode load o
 (the bank's model before), and the decodes keep one token each of the step's budget. A status
 read while a prefill step is in flight counts that step as half done (`_head_start`).
 
+A prompt also waits for a running-request slot (beyond upstream): an engine runs at most
+`max_num_seqs` requests, and when they are all taken (at high load, most decodes) a dispatched
+prompt computes nothing until one finishes, while a replay that starts it at once credits the
+instance with progress it has not made; at a slow poll the busiest instances then look caught
+up and draw the next burst. Where the metadata reports the limit (Prescient's extension field,
+0 = unknown as in upstream records), the queued prompts start no earlier than their slots
+free, at a completion rate predicted from the dispatch rate (`_Slots`). Unknown limits replay
+exactly as before.
+
 The bank is upstream's quadratic `PredictorBank` or, with `--step-predictor structural`, a
 `StructuralBank` (NexusSched's model, fed `B = 1` per profiling sample since samples carry no
 request count, priced for the replay through its quadratic approximation).
@@ -46,12 +55,13 @@ request count, priced for the replay through its quadratic approximation).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from prescient.model import InferType
+from prescient.model import InferType, InstanceMetadata
 from prescient.policy.account import LocalAccount
 from prescient.policy.framework import SchedulingContext
 from prescient.policy.state import INFER_CODES, ClusterState
@@ -66,8 +76,11 @@ from prescient.predict.quadratic import PredictorBank
 from prescient.predict.structural import StructuralBank
 
 _DECODE = INFER_CODES[InferType.DECODE]  # every other instance computes prefills
+_NEUTRAL = INFER_CODES[InferType.NEUTRAL]  # where the seq limit is applied (see `_Slots`)
 _DECODES = "scheduler_running_to_decode_requests_num"
 _DECODE_TOKENS = "scheduler_running_to_decode_tokens_num"
+COMPLETION_RATE_WINDOW_S = 30.0  # dispatches counted for the cluster's completion rate
+COMPLETION_RATE_MIN_DISPATCHES = 20  # fewer in the window: no rate, no seq limit applied
 
 
 class PredictorEnhancement:
@@ -81,16 +94,25 @@ class PredictorEnhancement:
         decode_aware: price each replayed step with the instance's decode batch
             (`DecodeAwareStepTime`, once fitted) and leave the decodes their share of the
             chunk budget; False prices steps with the bank's model alone, as upstream.
+        seq_limit: where an instance's metadata reports its engine's `max_num_seqs`, start
+            each queued prompt no earlier than a running-request slot is free for it
+            (`_Slots`); False replays every prompt as admitted at once, as upstream.
     """
 
     def __init__(self, bank: PredictorBank | StructuralBank, max_num_batched_tokens: int,
-                 account: LocalAccount | None = None, *, decode_aware: bool = True) -> None:
+                 account: LocalAccount | None = None, *, decode_aware: bool = True,
+                 seq_limit: bool = True) -> None:
         if max_num_batched_tokens <= 0:
             raise ValueError("--max-num-batched-tokens must be > 0")
         self.bank = bank
         self.max_num_batched_tokens = max_num_batched_tokens
         self.account = account
         self.decode_aware = decode_aware
+        self.seq_limit = seq_limit
+        # the cluster's request completion rate (per ms) at the last poll, which frees the
+        # running-request slots of the replay; 0 before enough dispatches were seen
+        self.completion_rate_per_ms = 0.0
+        self._dispatched: deque[float] = deque()  # dispatch times (s) in the rate window
         self._decode_models: dict[str, DecodeAwareStepTime] = {}
         self._cache: _Coefficients | None = None
         self._price_cache: tuple[tuple[str, ...], tuple[np.ndarray, ...]] | None = None
@@ -100,6 +122,7 @@ class PredictorEnhancement:
                     now: float) -> None:
         self._price_cache = None  # new statuses: new decode loads
         self._replay.polled = True
+        self.completion_rate_per_ms = self._dispatch_rate_per_ms(now)
         if samples:
             self.bank.add_all(samples)
             self.bank.maybe_refit_all()
@@ -125,8 +148,32 @@ class PredictorEnhancement:
         for model in self._decode_models.values():
             model.refit()
 
+    def _dispatch_rate_per_ms(self, now: float) -> float:
+        """Dispatches per ms over the last `COMPLETION_RATE_WINDOW_S` (or since the first
+        one, if later); 0 with fewer than `COMPLETION_RATE_MIN_DISPATCHES` in the window.
+
+        In a steady state requests complete as fast as they are dispatched, so this is also
+        the cluster's completion rate, which frees running-request slots (`_Slots`). The
+        window is long: completions follow the throughput, which bursts of dispatches do not
+        raise at once (a 10 s window, following the bursts more, gave a slightly worse p99
+        TTFT at a 1000 ms poll on bench/predict_value.py, within its noise).
+        """
+        times = self._forget_dispatches(now)
+        if len(times) < COMPLETION_RATE_MIN_DISPATCHES:
+            return 0.0
+        span_s = min(COMPLETION_RATE_WINDOW_S, now - times[0])
+        return 0.0 if span_s <= 0 else len(times) / (span_s * 1000.0)
+
+    def _forget_dispatches(self, now: float) -> deque[float]:
+        times = self._dispatched
+        while times and times[0] < now - COMPLETION_RATE_WINDOW_S:
+            times.popleft()
+        return times
+
     def prepare(self, ctx: SchedulingContext) -> None:
         st = ctx.state
+        if self.seq_limit:
+            self._forget_dispatches(ctx.now).append(ctx.now)
         if not len(st):
             return
         a, b, c, max_batched = self._prices(st)
@@ -136,7 +183,8 @@ class PredictorEnhancement:
         elapsed_ms = np.where(replayed, elapsed_ms, 0.0)
         if self._replay.ids is not st.ids and self._replay.ids != st.ids:
             self._replay = _Replay(st.ids, self.account)
-        self._replay.sync(st, stamped_ms, (a, b, c, max_batched))
+        rate = self.completion_rate_per_ms if self.seq_limit else 0.0
+        self._replay.sync(st, stamped_ms, (a, b, c, max_batched), rate)
         ctx.predicted_computed_tokens = self._replay.replay.advance(
             elapsed_ms, a, b, c, max_batched).astype(float)
 
@@ -189,12 +237,65 @@ class _Coefficients(NamedTuple):
     budgets: np.ndarray
 
 
+class _Slots(NamedTuple):
+    """Per row, what the engine's `max_num_seqs` allows the replay (NaN where no limit is
+    known, or where it is not applied: no rate, a prefill instance).
+
+    An engine runs at most `max_num_seqs` requests at once, prefilling and decoding alike; a
+    prompt waits in its queue, computing nothing, until a running request finishes. The
+    status says how many run (`num_running_requests`) and wait (`num_waiting_requests`); the
+    queue is those waiting, then the local account's in-flight prompts in dispatch order. The
+    first `free = max_num_seqs - running` of them start when they reach the engine; the one
+    at queue position `q >= free` (from 0) waits for the `q + 1 - free`-th completion since
+    the status. Completions are a fluid at `rate` per ms: the cluster's completion rate (its
+    dispatch rate, in a steady state) apportioned by running requests (Little's law: equal
+    time in the engine everywhere), so the `k`-th comes `k / rate` ms after the status.
+    Applied on neutral instances only: a prefill instance's requests leave when their prefill
+    is done, which the replay itself would have to free (not modelled).
+    """
+
+    free: np.ndarray  # slots free at the status
+    waiting: np.ndarray  # prompts waiting at the status
+    rate: np.ndarray  # slots freed per ms
+
+    def start_ms(self, row: int, positions: np.ndarray) -> np.ndarray:
+        """The earliest start (ms after the status) of the prompts at queue `positions` of
+        `row` (0 where a slot is free at once, +inf where none ever is at this rate)."""
+        free, rate = self.free[row], self.rate[row]
+        if np.isnan(free):
+            return np.zeros(len(positions))
+        wait = positions + 1.0 - free
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(wait <= 0, 0.0, wait / rate)
+
+
+def _slots(st: ClusterState, limits: np.ndarray, rate_per_ms: float) -> _Slots:
+    running = np.maximum(np.nan_to_num(st.s("num_running_requests")), 0.0)
+    applied = (limits > 0) & st.has_status & (st.infer_type == _NEUTRAL) & (rate_per_ms > 0)
+    total = float(running[applied].sum())
+    nan = np.full(len(st), np.nan)
+    if not applied.any():
+        return _Slots(nan, nan, nan)
+    free = np.where(applied, np.maximum(limits - running, 0.0), np.nan)
+    waiting = np.where(applied, np.maximum(np.nan_to_num(st.s("num_waiting_requests")), 0.0),
+                       np.nan)
+    share = running / total if total > 0 else np.zeros(len(st))
+    rate = np.where(applied, rate_per_ms * share, np.nan)
+    return _Slots(free, waiting, rate)
+
+
 class _Replay:
     """One `PrefillReplay` per instance set, kept in step with the statuses and the account.
 
-    A row starts over when its status changes (stamp, backlog or running chunk); the account's
-    in-flight prefills join it as they are dispatched (appended, so the replay continues), and
-    a change other than an append (a prompt reconciled, released, merged) reloads the row.
+    A row starts over when its status changes (stamp, backlog, running chunk, or what its seq
+    limit allows); the account's in-flight prefills join it as they are dispatched (appended,
+    so the replay continues), and a change other than an append (a prompt reconciled,
+    released, merged) reloads the row.
+
+    With a seq limit (`_Slots`), the status's waiting prompts beyond the free slots leave the
+    backlog and join the replay as arrivals at their slots' times (each an equal share of the
+    waiting tokens), and each in-flight prompt arrives at its dispatch or its slot's time,
+    whichever is later.
     """
 
     def __init__(self, ids: tuple[str, ...], account: LocalAccount | None) -> None:
@@ -202,29 +303,47 @@ class _Replay:
         self.ids = ids
         self.account = account
         self.replay = PrefillReplay(n)
-        self._status = np.full((3, n), np.nan)  # stamp, backlog, running chunk of each row
+        # stamp, backlog, running chunk, free slots, waiting prompts, slot rate of each row
+        self._status = np.full((6, n), np.nan)
         self.polled = True  # statuses may have changed since the last sync
         self._epoch = [-2] * n  # the account epoch of the arrivals loaded; -2: none read
         self._loaded = np.zeros(n, np.int64)  # arrivals loaded per row
         self._serial = -1 if account is None else account.prefill_serial()
+        nan = np.full(n, np.nan)
+        self._slots = _Slots(nan, nan, nan)
+        self._waiting_tokens = np.zeros(n)  # tokens of the waiting prompts held for slots
+        self._metadata: list[InstanceMetadata] | None = None  # where `_limits` came from
+        self._limits = np.zeros(n)
 
     def sync(self, st: ClusterState, stamped_ms: np.ndarray,
-             priced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+             priced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+             rate_per_ms: float = 0.0) -> None:
         changed = np.zeros(0, np.int64)
         if self.polled:  # statuses change with polls only (`on_statuses`)
             self.polled = False
             running = st.s("num_uncomputed_tokens_scheduler_running_prefills")
-            backlog = st.s("num_uncomputed_tokens_all_waiting_prefills") + running
-            status = np.vstack([stamped_ms, backlog, running])
+            waiting_tokens = st.s("num_uncomputed_tokens_all_waiting_prefills")
+            backlog = waiting_tokens + running
+            slots = _slots(st, self._seq_limits(st), rate_per_ms)
+            status = np.vstack([stamped_ms, backlog, running, *slots])
             same = (status == self._status) | (np.isnan(status) & np.isnan(self._status))
             changed = np.flatnonzero(~same.all(axis=0))
             self._status = status
+            self._slots = slots
         if changed.size:
+            # waiting prompts beyond the free slots wait for theirs: out of the backlog
+            held = np.clip(slots.waiting - slots.free, 0.0, None)
+            held = np.where(np.isnan(held), 0.0, held)
+            share = np.divide(held, slots.waiting, out=np.zeros(len(held)),
+                              where=held > 0)
+            self._waiting_tokens = np.maximum(np.nan_to_num(waiting_tokens), 0.0) * share
+            backlog = backlog - self._waiting_tokens
             head = _head_start(st, changed, backlog, running, priced)
             self.replay.reset(changed, backlog[changed], running[changed], head)
             self._loaded[changed] = 0
             for row in changed.tolist():
                 self._epoch[row] = -2
+                self._queue_held(row)
         if self.account is None:
             return
         account = self.account
@@ -237,6 +356,23 @@ class _Replay:
         for row in rows:
             self._load(row, account.prefill_log(self.ids[row]), stamped_ms[row])
 
+    def _seq_limits(self, st: ClusterState) -> np.ndarray:
+        """Per row, the engine's `max_num_seqs` from its metadata (0: unknown)."""
+        if self._metadata is not st.metadata:
+            self._metadata = st.metadata
+            self._limits = np.array([m.max_num_seqs for m in st.metadata], float)
+        return self._limits
+
+    def _queue_held(self, row: int) -> None:
+        """Queue the status's waiting prompts that wait for a slot, at their slots' times."""
+        tokens = float(self._waiting_tokens[row])
+        slots = self._slots
+        if not tokens > 0:
+            return
+        free, waiting = int(slots.free[row]), int(slots.waiting[row])
+        at = slots.start_ms(row, np.arange(free, waiting, dtype=float))
+        self.replay.append(row, at, np.full(len(at), tokens / len(at)))
+
     def _load(self, row: int, log: tuple[int, list[float], list[float]], stamped_ms: float
               ) -> None:
         epoch, times, tokens = log
@@ -246,9 +382,14 @@ class _Replay:
             # empty load are all new since the last advance, whatever the epoch, so they
             # append: `PrefillReplay.append` rewinds by itself if one is not.)
             self.replay.clear_arrivals([row])
+            self._queue_held(row)
             start = 0
         if len(times) > start:
             at = np.array(times[start:], np.float64) * 1000.0 - stamped_ms
+            if not np.isnan(self._slots.free[row]):  # no earlier than its slot
+                waiting = self._slots.waiting[row]
+                positions = waiting + np.arange(start, len(times), dtype=float)
+                at = np.maximum(at, self._slots.start_ms(row, positions))
             self.replay.append(row, at, tokens[start:])
         self._loaded[row] = len(times)
         self._epoch[row] = epoch

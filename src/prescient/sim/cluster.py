@@ -193,7 +193,7 @@ class ClusterSim:
             iid: InstanceMetadata(
                 instance_id=iid, unit_id=iid, block_size=e.config.block_size,
                 max_num_batched_tokens=e.config.max_num_batched_tokens,
-                instance_type=types[iid])
+                max_num_seqs=e.config.max_num_seqs, instance_type=types[iid])
             for iid, e in self.engines.items()
         }, 0.0)
         flags = settings.scheduler

@@ -228,7 +228,8 @@ class SimEngineServer:
             backend_type="prescient-sim", ip=s.advertise_host, ip_kvs=s.advertise_host,
             api_server_port=s.port, unit_id=s.resolved_instance_id,
             llumlet_port=s.llumlet_port, kvt_port=s.llumlet_port,
-            block_size=config.block_size, max_num_batched_tokens=config.max_num_batched_tokens)
+            block_size=config.block_size, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs)
 
     def _on_status(self, status: InstanceStatus) -> None:
         if self.llumlet is not None:

@@ -25,7 +25,8 @@ def full_metadata() -> InstanceMetadata:
         ip="10.0.0.1", ip_kvs="10.0.1.1", api_server_port=8000, llumlet_port=9000,
         kvt_port=28000, node_id="node-7", data_parallel_size=4, tensor_parallel_size=2,
         unit_id="unit-3", dp_rank=3, ep_rank=5, dp_local_rank=1, utc_create=1.7e9 + 0.25,
-        utc_update=1.7e9 + 9.5, ip_kvt="10.0.2.1", block_size=32, max_num_batched_tokens=8192)
+        utc_update=1.7e9 + 9.5, ip_kvt="10.0.2.1", block_size=32, max_num_batched_tokens=8192,
+        max_num_seqs=256)
 
 
 def full_status() -> InstanceStatus:
@@ -42,14 +43,35 @@ def full_status() -> InstanceStatus:
     return InstanceStatus(**values)  # type: ignore[arg-type]
 
 
+# Prescient's extension fields: numbered far above upstream's (1-20 and 1-40)
+EXTENSIONS = {"InstanceMetadata": {"max_num_seqs": 1001}, "InstanceStatus": {}}
+
+
 def test_model_fields_are_the_proto_fields_in_number_order() -> None:
     for message, fields in ((cms_pb2.InstanceMetadata, METADATA_FIELDS),
                             (cms_pb2.InstanceStatus, STATUS_FIELDS)):
         descriptor = message.DESCRIPTOR
+        extensions = EXTENSIONS[descriptor.name]
         assert [f.name for f in descriptor.fields] == list(fields)
-        assert [f.number for f in descriptor.fields] == list(range(1, len(fields) + 1))
-    assert len(METADATA_FIELDS) == 20
+        upstream = len(fields) - len(extensions)
+        assert [f.number for f in descriptor.fields] == [*range(1, upstream + 1),
+                                                         *extensions.values()]
+        assert list(fields[upstream:]) == list(extensions)
+    assert len(METADATA_FIELDS) == 20 + 1
     assert len(STATUS_FIELDS) == 40
+
+
+def test_an_upstream_metadata_record_reads_the_seq_limit_as_unknown() -> None:
+    ours = full_metadata()
+    upstream_fields = {name: getattr(ours, name) for name in METADATA_FIELDS
+                       if name not in EXTENSIONS["InstanceMetadata"]}
+    upstream_fields["instance_type"] = str(ours.instance_type)
+    written_upstream = cms_pb2.InstanceMetadata(**upstream_fields).SerializeToString()
+    decoded = decode_metadata(written_upstream)
+    assert decoded.max_num_seqs == 0  # unknown
+    assert decoded == msgspec.structs.replace(ours, max_num_seqs=0)
+    # ours is upstream's record plus field 1001 (varint), which upstream skips as unknown
+    assert encode_metadata(ours) == written_upstream + bytes([0xC8, 0x3E, 0x80, 0x02])
 
 
 def test_every_field_differs_from_its_default_in_the_fixtures() -> None:

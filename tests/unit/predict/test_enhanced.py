@@ -177,27 +177,37 @@ def test_equal_prefill_loads_fall_through_to_decodes_with_prediction_only() -> N
     assert picks == {False: "i0", True: "i1"}
 
 
-def test_the_kept_replay_equals_a_fresh_one_through_dispatches_polls_and_releases() -> None:
+@pytest.mark.parametrize("limit", [0, 6])  # the engines' max_num_seqs; 0: unknown
+def test_the_kept_replay_equals_a_fresh_one_through_dispatches_polls_and_releases(
+        limit: int) -> None:
     """The feature keeps each instance's replay between decisions; a feature built afresh at
     every decision (replaying every status and account from scratch) predicts the same."""
     on = msgspec.structs.replace(SchedulerSettings(), enable_predictor_enhanced_scheduling=True)
     dispatcher = make_dispatcher("load-balance", on, random.Random(0))
     ids = [f"i{k}" for k in range(5)]
-    dispatcher.on_instances({i: InstanceMetadata(instance_id=i) for i in ids}, 0.0)
+    dispatcher.on_instances({i: InstanceMetadata(instance_id=i, max_num_seqs=limit)
+                             for i in ids}, 0.0)
     feature = dispatcher.features[0]
     feature.on_statuses(dispatcher.state, linear_samples("i0"), 0.0)
-    checked = []
+    checked, limited = [], []
 
     def prepare_and_compare(ctx: SchedulingContext, kept=feature.prepare) -> None:
         kept(ctx)
         fresh = SchedulingContext(ctx.request, ctx.state, ctx.now, random.Random(0))
-        PredictorEnhancement(feature.bank, feature.max_num_batched_tokens,
-                             feature.account).prepare(fresh)
+        scratch = PredictorEnhancement(feature.bank, feature.max_num_batched_tokens,
+                                       feature.account)
+        scratch.completion_rate_per_ms = feature.completion_rate_per_ms
+        scratch.prepare(fresh)
         assert ctx.predicted_computed_tokens.tolist() == fresh.predicted_computed_tokens.tolist()
         checked.append(ctx.predicted_computed_tokens.sum())
+        unlimited = SchedulingContext(ctx.request, ctx.state, ctx.now, random.Random(0))
+        PredictorEnhancement(feature.bank, feature.max_num_batched_tokens, feature.account,
+                             seq_limit=False).prepare(unlimited)
+        limited.append(unlimited.predicted_computed_tokens.sum() - checked[-1])
 
     feature.prepare = prepare_and_compare
     rng = random.Random(5)
+    rates: list[float] = []
     placed: dict[str, str] = {}
     now, update = 0.0, 0
     for k in range(600):
@@ -213,8 +223,10 @@ def test_the_kept_replay_equals_a_fresh_one_through_dispatches_polls_and_release
                     waiting_requests=tuple(mine),
                     num_uncomputed_tokens_all_waiting_prefills=rng.randint(0, 30_000),
                     num_uncomputed_tokens_scheduler_running_prefills=rng.choice([0, 700]),
+                    num_running_requests=rng.randint(0, 8), num_waiting_requests=len(mine),
                     num_total_gpu_tokens=10**7)
             dispatcher.on_statuses(statuses, now)
+            rates.append(feature.completion_rate_per_ms)
         if placed and rng.random() < 0.2:  # a request finishes
             done = rng.choice(sorted(placed))
             dispatcher.release(done, now)
@@ -224,6 +236,9 @@ def test_the_kept_replay_equals_a_fresh_one_through_dispatches_polls_and_release
                                      now)
         placed[rid] = result.instance_id
     assert len(checked) == 600 and sum(x > 0 for x in checked) > 500
+    assert sum(r > 0 for r in rates) >= 8  # the slots were freed at a rate after warm-up
+    assert min(limited) >= 0  # a seq limit only ever delays prefills
+    assert (sum(x > 0 for x in limited) > 100) == (limit > 0)
 
 
 @pytest.mark.parametrize(("unallocated", "expected"), [
@@ -242,3 +257,103 @@ def test_a_step_in_flight_at_the_status_is_half_done(unallocated: int, expected:
     ctx = SchedulingContext(Request(request_id="r", prompt_len=10), st, 0.010, random.Random(0))
     feature.prepare(ctx)
     assert ctx.predicted_computed_tokens[0] == expected
+
+
+def full_instance(limit: int, *, running: int, waiting: int = 0, waiting_tokens: int = 0,
+                  dispatches: tuple[tuple[str, int, float], ...] = (),
+                  rate_per_ms: float = 0.01, seq_limit: bool = True,
+                  ) -> tuple[PredictorEnhancement, ClusterState]:
+    """One neutral instance whose engine runs at most `limit` requests (0: unknown), status
+    at 0 ms with `running` requests and `waiting` prompts, the (id, tokens, dispatch s) in
+    flight, a linear step time (10 ms + 0.01 ms/token) and a completion rate of
+    `rate_per_ms` (one slot per 100 ms by default)."""
+    account = LocalAccount()
+    for rid, tokens, at in dispatches:
+        account.add(rid, "i0", InferType.NEUTRAL, tokens, tokens, at)
+    st = ClusterState([InstanceMetadata(instance_id="i0", max_num_seqs=limit)])
+    st.set_status(0, InstanceStatus(
+        instance_id="i0", timestamp_ms=0, update_id=1, num_running_requests=running,
+        scheduler_running_to_decode_requests_num=running, num_waiting_requests=waiting,
+        num_uncomputed_tokens_all_waiting_prefills=waiting_tokens,
+        num_total_gpu_tokens=100_000))
+    st.set_account(0, msgspec.structs.astuple(account.totals("i0")))
+    feature = PredictorEnhancement(PredictorBank(20, shared=True), 8192, account,
+                                   decode_aware=False, seq_limit=seq_limit)
+    feature.on_statuses(st, linear_samples("i0"), 0.0)
+    feature.completion_rate_per_ms = rate_per_ms
+    return feature, st
+
+
+def predicted(feature: PredictorEnhancement, st: ClusterState, now: float) -> int:
+    ctx = SchedulingContext(Request(request_id="x", prompt_len=10), st, now, random.Random(0))
+    feature.prepare(ctx)
+    return int(ctx.predicted_computed_tokens[0])
+
+
+def test_a_full_instance_computes_no_dispatched_prompt_until_a_slot_frees() -> None:
+    # 4 of 4 slots taken at the status; a slot frees at 100 ms, then the prompt's one
+    # 2000-token step takes 30 ms
+    feature, st = full_instance(4, running=4, dispatches=(("r1", 2000, 0.010),))
+    assert [predicted(feature, st, t) for t in (0.05, 0.099, 0.115, 0.13, 1.0)] == [
+        0, 0, 1000, 2000, 2000]
+    # unknown limit, or the limit off: computed from its dispatch at 10 ms (done at 40 ms)
+    for unknown in (full_instance(0, running=4, dispatches=(("r1", 2000, 0.010),)),
+                    full_instance(4, running=4, dispatches=(("r1", 2000, 0.010),),
+                                  seq_limit=False)):
+        assert predicted(*unknown, 0.025) == 1000
+        assert predicted(*unknown, 0.05) == 2000
+
+
+def test_free_slots_are_taken_in_dispatch_order_then_wait_for_completions() -> None:
+    # one slot free: r1 starts at its dispatch (0-20 ms), r2 waits for the first completion
+    # (100 ms; 1000 tokens: 20 ms), r3 for the second (200 ms)
+    feature, st = full_instance(4, running=3, dispatches=(
+        ("r1", 1000, 0.0), ("r2", 1000, 0.001), ("r3", 1000, 0.002)))
+    assert [predicted(feature, st, t) for t in (0.02, 0.099, 0.12, 0.2, 0.22)] == [
+        1000, 1000, 2000, 2000, 3000]
+
+
+def test_waiting_prompts_beyond_the_free_slots_wait_for_theirs() -> None:
+    # full: the status's two waiting prompts (3000 tokens: 1500 each) start at 100 and 200 ms
+    feature, st = full_instance(4, running=4, waiting=2, waiting_tokens=3000)
+    assert [predicted(feature, st, t) for t in (0.05, 0.125, 0.2, 0.225, 1.0)] == [
+        0, 1500, 1500, 3000, 3000]
+    # nothing frees slots (no completion rate yet): no limit applied, as without one
+    feature, st = full_instance(4, running=4, waiting=2, waiting_tokens=3000, rate_per_ms=0)
+    assert predicted(feature, st, 0.04) == 3000
+
+
+def test_the_completion_rate_is_the_dispatch_rate_and_shared_by_running_requests() -> None:
+    feature, st = full_instance(4, running=4)
+    for k in range(40):  # 40 dispatches in 2 s
+        ctx = SchedulingContext(Request(request_id=f"r{k}", prompt_len=10), st, k * 0.05,
+                                random.Random(0))
+        feature.prepare(ctx)
+    feature.on_statuses(st, [], 2.0)
+    assert feature.completion_rate_per_ms == pytest.approx(40 / 2000)
+    feature.on_statuses(st, [], 40.0)  # the window (30 s) forgot them
+    assert feature.completion_rate_per_ms == 0.0
+
+
+def test_a_metadata_record_without_the_seq_limit_replays_as_before() -> None:
+    from prescient.cms.codec import decode_metadata
+    from prescient.cms.proto import cms_pb2
+
+    upstream = decode_metadata(cms_pb2.InstanceMetadata(instance_id="i0").SerializeToString())
+    assert upstream.max_num_seqs == 0
+    runs = []
+    for seq_limit in (True, False):
+        feature, st = full_instance(upstream.max_num_seqs, running=4, waiting=3,
+                                    waiting_tokens=9000, seq_limit=seq_limit,
+                                    dispatches=(("r1", 2000, 0.01), ("r2", 700, 0.2)))
+        runs.append([predicted(feature, st, t / 100) for t in range(60)])
+    assert runs[0] == runs[1] and runs[0][-1] == 11_700
+
+
+def test_the_simulator_registers_each_engines_seq_limit() -> None:
+    from prescient.sim.cluster import ClusterSim, InstanceSpec, SimSettings
+
+    specs = [InstanceSpec(instance_id="a", max_num_seqs=64), InstanceSpec(instance_id="b")]
+    sim = ClusterSim([Request(request_id="r", prompt_len=10, output_len=2)], specs,
+                     "load-balance", SimSettings())
+    assert [m.max_num_seqs for m in sim.policy.state.metadata] == [64, 256]
