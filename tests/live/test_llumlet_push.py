@@ -54,6 +54,8 @@ async def _exercise(store: RedisStore, endpoint: str) -> None:
 
     scraped = await wait_for(status)  # the idle engine's scrape
     assert scraped.num_total_gpu_tokens > 0 and scraped.profiling_id == -1
+    # the engine's seq limit, as given to the llumlet, is registered for the predictor's replay
+    assert (await store.read_metadata())[IID].max_num_seqs == 48
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.bind(endpoint)  # the engine binds, as the vLLM plugin does
     try:
@@ -96,7 +98,8 @@ def test_pushed_statuses_win_while_the_engine_works_and_scrapes_resume(tmp_path:
             port=engine_port, log=tmp_path / "engine.log"), \
             child(["llumlet", "--engine-url", f"http://127.0.0.1:{engine_port}",
                    "--instance-id", IID, "--status-endpoint", endpoint,
-                   "--scrape-interval-ms", "100", "--cms-redis-host", redis.host,
+                   "--scrape-interval-ms", "100", "--max-num-seqs", "48",
+                   "--cms-redis-host", redis.host,
                    "--cms-redis-port", str(redis.port), "--cms-redis-db", str(redis.db)],
                   log=tmp_path / "llumlet.log"):
         asyncio.run(exercise(redis, endpoint))

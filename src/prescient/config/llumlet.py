@@ -91,6 +91,10 @@ class LlumletSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     block_size: Annotated[int, Setting(
         INSTANCE, "Tokens per KV block (vLLM --block-size, SGLang --page-size); 0: the "
         "backend's default (vLLM 16, SGLang 1).", ge=0)] = 0
+    max_num_seqs: Annotated[int, Setting(
+        INSTANCE, "The engine's running-request limit (vLLM --max-num-seqs, SGLang "
+        "--max-running-requests), registered in the metadata so that predictor-enhanced "
+        "scheduling starts queued prompts only as slots free; 0: unknown.", ge=0)] = 0
 
     # --- CMS ---
     cms_redis_host: Annotated[str, Setting(CMS, "CMS Redis host.")] = "127.0.0.1"

@@ -73,7 +73,7 @@ def metadata(settings: LlumletSettings) -> InstanceMetadata:
         instance_id=iid, instance_type=InferType(settings.instance_type),
         backend_type=BACKEND_NAMES[settings.backend_type], ip=host, ip_kvs=host,
         api_server_port=settings.resolved_api_server_port, unit_id=iid,
-        block_size=settings.resolved_block_size)
+        block_size=settings.resolved_block_size, max_num_seqs=settings.max_num_seqs)
 
 
 def make_llumlet(settings: LlumletSettings, store: RedisStore,
