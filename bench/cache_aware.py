@@ -14,6 +14,11 @@ blocks, 29,205 blocks each) serve two prefix-heavy workloads:
   cache): 1,000 shared documents / system prompts (lognormal, mean 9.5 blocks, Zipf(1.1)
   popularity), each request one document followed by lognormal (mean 7) blocks of its own,
   the last one partial; Poisson arrivals at 10/s.
+- `mooncake-ideal` (not run by default): the same rows less what an infinite cache would hold
+  when each arrives (`ideal_miss_rows`), all private. No cache, and no routing, can leave less
+  prefill work, so the best goodput here over round-robin's on `mooncake` bounds what caching
+  can gain there (from above: the shorter prompts also lighten the decodes' KV reads).
+- `--workload-seed N` draws a second workload of each shape (robustness of the ranking).
 
 Policies: Prescient `load-balance` with `--enable-cache-aware-scheduling` and each index backend
 (`approximate`: router history, TTL 120 s; `kv-events`: the engines' block events, exact;
@@ -39,6 +44,10 @@ Measured (requests arriving after the first 5% and before the last 5% of the arr
 
     .venv/bin/python bench/cache_aware.py --quick    # smoke run: smaller workloads, 3 steps
     .venv/bin/python bench/cache_aware.py            # the recorded numbers
+    .venv/bin/python bench/cache_aware.py --workload-seed 1 --workloads sessions \
+        --skip-index-cost                            # a second sessions workload
+    .venv/bin/python bench/cache_aware.py --workloads mooncake-ideal \
+        --variants round-robin --skip-index-cost     # the bound on caching's gain
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ from prescient.config.scheduler import SchedulerSettings
 from prescient.model import Request
 from prescient.sim.cluster import ClusterSim, InstanceSpec, SimSettings
 from prescient.sim.metrics import SloSpec, Summary, summarize
-from prescient.sim.mooncake_synth import mooncake_rows
+from prescient.sim.mooncake_synth import ideal_miss_rows, mooncake_rows
 from prescient.sim.traces import load_mooncake_jsonl
 from prescient.sim.workload import parse_length_spec, rebase, scale_rate, session_workload
 
@@ -113,6 +122,7 @@ class Mode:
     steps: int
     sessions: int  # sessions in the session workload
     mooncake: int  # requests in the Mooncake-format workload
+    seed: int = 0  # the workload generators' seed
 
 
 DEFAULT = Mode(steps=4, sessions=1500, mooncake=6000)
@@ -122,24 +132,34 @@ QUICK = Mode(steps=3, sessions=800, mooncake=3000)
 # ---- workloads -------------------------------------------------------------------------
 
 @functools.cache
-def sessions(n: int) -> tuple[Request, ...]:
+def sessions(n: int, seed: int = 0) -> tuple[Request, ...]:
     return tuple(rebase(session_workload(
         num_sessions=n, turns=parse_length_spec("uniform:2:12"), session_rate=n / 120,
         think_time=30.0, first_prompt=parse_length_spec("lognormal:mean=3000,median=2000"),
         turn_prompt=parse_length_spec("uniform:100:1000"),
-        output=parse_length_spec("lognormal:mean=250,median=200,max=2000"), seed=0)))
+        output=parse_length_spec("lognormal:mean=250,median=200,max=2000"), seed=seed)))
 
 
 @functools.cache
-def mooncake(n: int) -> tuple[Request, ...]:
+def mooncake(n: int, seed: int = 0, ideal: bool = False) -> tuple[Request, ...]:
+    rows = mooncake_rows(n, seed=seed)
+    if ideal:
+        rows = ideal_miss_rows(rows)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mooncake.jsonl"
-        path.write_bytes(b"\n".join(msgspec.json.encode(r) for r in mooncake_rows(n)))
+        path.write_bytes(b"\n".join(msgspec.json.encode(r) for r in rows))
         return tuple(rebase(load_mooncake_jsonl(path).requests))
 
 
+WORKLOADS = ("sessions", "mooncake", "mooncake-ideal")
+
+
 def workload(name: str, mode: Mode) -> Sequence[Request]:
-    return sessions(mode.sessions) if name == "sessions" else mooncake(mode.mooncake)
+    """`mooncake-ideal`: the Mooncake-format rows without what an infinite cache would hold
+    (`ideal_miss_rows`): any routing there computes no more than the best cache could let it."""
+    if name == "sessions":
+        return sessions(mode.sessions, mode.seed)
+    return mooncake(mode.mooncake, mode.seed, ideal=name == "mooncake-ideal")
 
 
 # ---- one simulation (in a worker process) ------------------------------------------------
@@ -285,17 +305,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--workloads", default="sessions,mooncake")
     parser.add_argument("--steps", type=int, default=None, help="bisection steps")
+    parser.add_argument("--skip-index-cost", action="store_true",
+                        help="leave out the index cost measurement")
+    parser.add_argument("--workload-seed", type=int, default=0,
+                        help="the workload generators' seed (a second workload of the same shape)")
     parser.add_argument("--variants", default="", help="only these policies (labels, comma-"
                         "separated; load-balance always runs: it sets the high-load point)")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else DEFAULT
-    if args.steps is not None:
-        mode = Mode(args.steps, mode.sessions, mode.mooncake)
+    mode = Mode(mode.steps if args.steps is None else args.steps, mode.sessions, mode.mooncake,
+                args.workload_seed)
+    names = args.workloads.split(",")
+    if unknown_workloads := set(names) - set(WORKLOADS):
+        parser.error(f"--workloads: unknown {sorted(unknown_workloads)}; known: {WORKLOADS}")
     t0 = time.perf_counter()
-    print(f"# Cache-aware scheduling ({'quick' if args.quick else 'full'}; "
-          f"{platform.python_version()}, {platform.machine()})\n")
-    print("## Index cost\n")
-    print("\n".join(index_cost()) + "\n", flush=True)
+    print(f"# Cache-aware scheduling ({'quick' if args.quick else 'full'}, workload seed "
+          f"{mode.seed}; {platform.python_version()}, {platform.machine()})\n")
+    if not args.skip_index_cost:
+        print("## Index cost\n")
+        print("\n".join(index_cost()) + "\n", flush=True)
     variants = VARIANTS
     if args.variants:
         wanted = {label.strip() for label in args.variants.split(",")} | {LB}
@@ -305,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants = tuple(v for v in VARIANTS if v.label in wanted)
     pool: Executor = Inline() if args.jobs == 1 else ProcessPoolExecutor(args.jobs)
     with pool:
-        for name in args.workloads.split(","):
+        for name in names:
             reqs = workload(name, mode)
             print(f"## {name}: {len(reqs)} requests over {reqs[-1].arrival_time:.0f} s at "
                   f"scale 1\n", flush=True)

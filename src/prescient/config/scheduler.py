@@ -121,6 +121,11 @@ class SchedulerSettings(ClusterSettings, frozen=True, kw_only=True, forbid_unkno
         CACHE, "The miss weight grows by --cache-aware-miss-weight for each this many prefill "
         "tokens queued per instance on average (recomputing a prefix delays the whole "
         "backlog); inf: a fixed weight.", gt=0)] = 4096.0
+    cache_aware_load_requests: Annotated[float, Setting(
+        CACHE, "On each instance the miss weight is multiplied by 1 + its in-flight requests "
+        "/ this many (a missed prefix's prefill stalls every request there; SGLang's lmetric "
+        "multiplies by in-flight + 1); inf: the same weight on every instance.",
+        gt=0)] = 64.0
     cache_aware_balance_abs_threshold: Annotated[float, Setting(
         CACHE, "Balance guard: drop instances with this many more in-flight requests than the "
         "least loaded (and --cache-aware-balance-rel-threshold times as many); inf: off.",

@@ -7,8 +7,8 @@ contiguously from the first token) for prompts of at least `min_tokens`
 chosen instance only the tokens it must compute (`prompt - hit`). Shorter prompts leave the
 column unset: no hit anywhere, the whole prompt is a miss everywhere, so the load metric decides.
 
-Three deliberate departures from upstream's cost, all settings (upstream: weight 1, no guard,
-ties to the first instance), chosen by bench/cache_aware.py:
+Four deliberate departures from upstream's cost, all settings (upstream: weight 1, no load
+factor, no guard, ties to the first instance), chosen by bench/cache_aware.py:
 
 - A missed token counts `miss_weight` (2) queued tokens, times `1 + backlog / backlog_tokens`
   (4096) where `backlog` is the mean prefill tokens queued per instance. The request waits
@@ -20,6 +20,15 @@ ties to the first instance), chosen by bench/cache_aware.py:
   one it delays every queued request. A fixed weight of 2 moved sessions off queues near
   saturation, which fed the queues (bench/cache_aware.py, sessions at 4.25x: 61% prefix hits
   and 60% SLO attainment with the fixed weight, 75% and 94% with the growing one).
+- On each instance the miss weight is also multiplied by `1 + num_requests / load_requests`
+  (64, `--cache-aware-load-requests`): the miss's prefill stalls the decode steps of every
+  request in flight there (SGLang's `lmetric`: `miss x (in-flight + 1)`). Ranking by prefill
+  work alone, holders of popular prefixes kept their requests until their queues were
+  `w x prefix` tokens longer than others', short enough for TTFT but long enough prefill
+  streams to push their decodes past TPOT (bench/cache_aware.py, Mooncake-format workload at
+  8.5x: 54% SLO attainment without the factor, 94% with it, TPOT misses 2,258 -> 215). The
+  factor scales the miss, not the queue: a session's next turn (a small miss on its holder)
+  stays put on a busier holder unless the load gap outgrows its history.
 - The prefill / neutral pipelines drop instances whose in-flight requests exceed the least
   loaded one's by 64 and by 1.5x (`filters.BalanceGuard`, SGLang's imbalance rule): prefix
   affinity alone ignores decode load and would pile a popular prefix's requests onto one
@@ -62,7 +71,7 @@ from prescient.cache.index import ApproximateIndex, BlockKey, KvIndex
 from prescient.cms.view import ProfilingSample
 from prescient.model import Request
 from prescient.policy.framework import SchedulingContext
-from prescient.policy.metrics import queued_prefill_tokens
+from prescient.policy.metrics import make_metric, queued_prefill_tokens
 from prescient.policy.state import ClusterState
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default, used when metadata gives none
@@ -210,17 +219,24 @@ class PrefixHits:
 
     A missed prompt token counts `miss_weight x (1 + backlog / backlog_tokens)` queued ones in
     `cache_aware_all_prefills_tokens_num`, the backlog being the mean prefill tokens queued
-    per instance (upstream: 1; `backlog_tokens` inf: a fixed `miss_weight`).
+    per instance (upstream: 1; `backlog_tokens` inf: a fixed `miss_weight`), times
+    `1 + load / load_requests` on each instance, `load` its in-flight requests (`load_metric`;
+    `load_requests` inf: the same weight everywhere, a scalar).
     """
 
     def __init__(self, source: HitSource, min_tokens: int = 0, miss_weight: float = 1.0,
-                 backlog_tokens: float = float("inf")) -> None:
+                 backlog_tokens: float = float("inf"), load_requests: float = float("inf"),
+                 load_metric: str = "num_requests") -> None:
         if backlog_tokens <= 0:
             raise ValueError("backlog_tokens must be > 0")
+        if load_requests <= 0:
+            raise ValueError("load_requests must be > 0")
         self.source = source
         self.min_tokens = min_tokens
         self.miss_weight = miss_weight
         self.backlog_tokens = backlog_tokens
+        self.load_requests = load_requests
+        self.load_metric = make_metric(load_metric)
 
     def weight(self, state: ClusterState) -> float:
         """What one missed token counts now against a queued one."""
@@ -241,7 +257,14 @@ class PrefixHits:
             if row is not None:
                 column[row] = tokens
         ctx.prefix_hit_tokens = column
-        ctx.prefix_miss_weight = self.weight(state)
+        weight = self.weight(state)
+        if self.load_requests != float("inf"):
+            # the miss's prefill time stalls every request on the instance (its decodes, and
+            # the queued prefills' later decodes), so it costs more where more are in flight
+            load = np.maximum(ctx.metric(self.load_metric), 0.0)
+            ctx.prefix_miss_weight = weight * (1.0 + load / self.load_requests)
+        else:
+            ctx.prefix_miss_weight = weight
 
     def on_statuses(self, state: ClusterState, samples: Sequence[ProfilingSample], now: float
                     ) -> None:

@@ -123,6 +123,7 @@ class DispatchSettings(Protocol):
     cache_index_max_blocks: int
     cache_aware_miss_weight: float
     cache_aware_backlog_tokens: float
+    cache_aware_load_requests: float
     cache_aware_balance_abs_threshold: float
     cache_aware_balance_rel_threshold: float
 
@@ -176,7 +177,8 @@ def cache_feature(settings: DispatchSettings) -> PrefixHits:
                              max_blocks=settings.cache_index_max_blocks)
     return PrefixHits(IndexHits(index), min_tokens=settings.cache_aware_scheduling_min_tokens,
                       miss_weight=settings.cache_aware_miss_weight,
-                      backlog_tokens=settings.cache_aware_backlog_tokens)
+                      backlog_tokens=settings.cache_aware_backlog_tokens,
+                      load_requests=settings.cache_aware_load_requests)
 
 
 def _cache_aware_pipeline(settings: DispatchSettings, load: Metric, threshold: float

@@ -27,6 +27,7 @@ import numpy as np
 
 BLOCK = 512  # tokens per hash id, as in the Mooncake traces
 _DOC_ID_BASE = 1_000_000_000  # shared blocks' ids, apart from the private ones
+_IDEAL_ID_BASE = 2_000_000_000  # `ideal_miss_rows`' fresh ids, apart from both
 
 
 def _lognormal(rng: np.random.Generator, mean: float, median: float, size: int) -> np.ndarray:
@@ -91,3 +92,30 @@ def ideal_hit_rate(rows: Sequence[dict[str, object]]) -> float:
         hit += run
         seen.update(ids)
     return hit / max(1, total)
+
+
+def ideal_miss_rows(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+    """The rows with what an infinite cache would hold when they arrive cut off.
+
+    Each row loses its leading blocks that an earlier row had (`ideal_hit_rate`'s hit run),
+    keeping at least one token, and its remaining blocks get fresh ids that no row shares:
+    served without any cache, these rows cost the prefill work the best possible cache would
+    leave. (Their shorter prompts also shorten the decodes' KV reads and footprints, which
+    caching does not: goodput on them bounds a cache's gain from above.)
+    """
+    seen: set[int] = set()
+    out: list[dict[str, object]] = []
+    next_id = _IDEAL_ID_BASE
+    for row in rows:
+        ids = row["hash_ids"]
+        length = row["input_length"]
+        assert isinstance(ids, list) and isinstance(length, int)
+        run = 0
+        while run < len(ids) and ids[run] in seen:
+            run += 1
+        seen.update(ids)
+        kept = len(ids) - run
+        out.append({**row, "input_length": max(1, length - run * BLOCK),
+                    "hash_ids": list(range(next_id, next_id + kept))})
+        next_id += kept
+    return out

@@ -152,6 +152,7 @@ OWN_FLAGS: list[tuple[str, Any, str, Any]] = [
     ("--cache-index-max-blocks", 1_000_000, "5000", 5000),
     ("--cache-aware-miss-weight", 2.0, "1", 1.0),
     ("--cache-aware-backlog-tokens", 4096.0, "inf", float("inf")),
+    ("--cache-aware-load-requests", 64.0, "inf", float("inf")),
     ("--cache-aware-balance-abs-threshold", 64.0, "inf", float("inf")),
     ("--cache-aware-balance-rel-threshold", 1.5, "2", 2.0),
     ("--prefix-caching-hash-algo", "sha256", "sha256_cbor", "sha256_cbor"),

@@ -31,6 +31,7 @@ class CacheSettings(Settings):
     enable_cache_aware_scheduling: bool = True
     cache_aware_scheduling_min_tokens: int = 0
     dispatch_prefill_cache_locality_metric: str = "cache_aware_all_prefills_tokens_num"
+    cache_aware_load_requests: float = 64.0
 
 
 def prompt(rid: str, n: int = 2000, base: int = 0) -> Request:
