@@ -206,11 +206,15 @@ def fit_preset(cal: dict[str, object]) -> dict[str, object]:
     """
     steps = np.array(cal["steps"])  # type: ignore[arg-type]
     model = _binned_model_times(steps)
-    # prefill-sized steps: as timed while others decode, where there are enough of them
-    loaded = _binned_model_times(np.array(cal.get("steps_loaded", [])).reshape(-1, 6))
-    loaded = [(x, y) for x, y in loaded if x >= 128]
-    if loaded:
-        model = [(x, y) for x, y in model if x < min(x for x, _ in loaded)] + loaded
+    # prefill-sized steps as timed while others decode: a line through every such step of at
+    # least 256 tokens (power-of-two bins' medians mixed the prompt sizes and chunk remainders)
+    loaded = np.array(cal.get("steps_loaded", [])).reshape(-1, 6)
+    tokens = loaded[:, 2] + loaded[:, 4]
+    big = tokens >= 256
+    if big.sum() >= 6:
+        slope, intercept = np.polyfit(tokens[big], loaded[big, 5], 1)
+        model = [(x, y) for x, y in model if x < 256] + [
+            (float(x), float(intercept + slope * x)) for x in (256, 512, 1024, 1536, 2048)]
 
     def model_ms(tokens: float) -> float:
         xs, ys = zip(*model, strict=True)
@@ -440,6 +444,7 @@ def write_preset(venv: Path, work: Path) -> None:
             cal = asyncio.run(calibrate(engine, f"http://127.0.0.1:{port}"))
     finally:
         engine.stop()
+    Path(tempfile.gettempdir(), "vllm_fidelity_calibration.json").write_text(json.dumps(cal))
     fitted = fit_preset(cal)
     PRESET_FILE.write_text(json.dumps(fitted, indent=1) + "\n")
     print(f"wrote {PRESET_FILE}: step periods {fitted['ms']} ms at "
