@@ -238,7 +238,7 @@ class Pipeline:
         ctx.candidates = candidates
         ctx.fallback = fallback
         if not self._static:
-            ctx.needs_failover[:] = False
+            ctx.needs_failover = np.zeros(len(candidates), bool)
             keep = candidates.copy()
             self._run(ctx, keep, self.filters, fallback)
             for g in self.global_filters:
