@@ -20,6 +20,8 @@ from openai import AsyncOpenAI
 from prescient.config.gateway import load_gateway_settings
 from prescient.discovery.base import StaticResolver
 from prescient.gateway.app import Gateway
+from prescient.scheduler.client import RemoteScheduler
+from prescient.scheduler.core import SchedulerCore
 from prescient.scheduler.wire import Endpoint, LLMInstance, Scheduler
 from prescient.tokenizer import ApproxTokenizer
 
@@ -100,6 +102,33 @@ def test_completions_and_chat_non_stream_reach_the_engine_with_the_request_id() 
         assert scheduler.released == []  # full mode: a served request is not released
 
     asyncio.run(main())
+
+
+def test_full_mode_releases_finished_requests_only_to_an_in_process_scheduler() -> None:
+    """A remote full-mode scheduler learns of finished requests from the CMS (upstream's wire:
+    no round trip per request); an embedded one takes the release, so its account drops them
+    at once. Lite mode always releases."""
+    async def served_releases(in_process: bool, *flags: str) -> list[tuple[str, str]]:
+        (a,) = await started(FakeEngine("a", events=3))
+        scheduler = FakeScheduler([a.instance()])
+        if in_process:
+            scheduler.in_process = True  # type: ignore[attr-defined]
+        async with stack([a], scheduler, *flags) as s:
+            await s.client.completions.create(model=MODEL, prompt="x", max_tokens=3,
+                                              extra_headers={"x-request-id": "ns"})
+            stream = await s.client.completions.create(
+                model=MODEL, prompt="x", stream=True, extra_headers={"x-request-id": "st"})
+            assert len([c async for c in stream]) == 3
+        return scheduler.released
+
+    async def main() -> None:
+        assert await served_releases(False) == []
+        assert await served_releases(True) == [("ns", "a"), ("st", "a")]
+        assert await served_releases(False, "--enable-full-mode-scheduling=false") == [
+            ("ns", "a"), ("st", "a")]
+
+    asyncio.run(main())
+    assert SchedulerCore.in_process and not hasattr(RemoteScheduler, "in_process")
 
 
 def test_streams_pass_through_event_by_event() -> None:

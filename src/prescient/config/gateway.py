@@ -61,8 +61,9 @@ class GatewaySettings(ClusterSettings, frozen=True, kw_only=True, forbid_unknown
     # --- Scheduling ---
     enable_full_mode_scheduling: Annotated[bool, Setting(
         SCHEDULING, "Full mode (the scheduler reads the CMS; the gateway releases a request "
-        "only when forwarding failed) if true; lite mode (the gateway releases every request "
-        "at completion and may /report token counts) if false. Must match the scheduler.")] = (
+        "to a remote scheduler only when forwarding failed, to its embedded one also when it "
+        "finished) if true; lite mode (the gateway releases every request at completion and may "
+        "/report token counts) if false. Must match the scheduler.")] = (
         True)
     scheduling_policy: Annotated[Literal["load-balance", "slo", "flood", "round-robin"], Setting(
         SCHEDULING, "Must match the scheduler's. round-robin: the gateway picks instances "

@@ -102,7 +102,7 @@ class PdForwarder:
                 response.send(503, error_body(503, str(e), type="service_unavailable"))
                 return 503
             if not isinstance(outcome, _Retry):
-                if held and not proxy.full_mode:
+                if held and proxy.release_finished:
                     await balancer.release(schedule, *held)
                 return outcome
             if held:
@@ -135,8 +135,8 @@ class PdForwarder:
             job.response.send(answer.status, answer.body, (("x-request-id", schedule.id),))
             return answer.status, prefill
         if self.staged:
-            if held and not self.proxy.full_mode:
-                # lite mode: the prefill instance is done with it (upstream's OnPostPrefill);
+            if held and self.proxy.release_finished:
+                # the prefill instance is done with it (upstream's lite-mode OnPostPrefill);
                 # a release frees the whole id, so only before the decode leg is placed
                 await self.proxy.balancer.release(schedule, *held)
                 held.clear()

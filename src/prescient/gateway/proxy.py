@@ -112,8 +112,12 @@ class Proxy:
         self.metrics = metrics
         self.retry_max_count = retry_max_count
         self.connect_timeout = connect_timeout
-        self.full_mode = full_mode
         self.scheduler = scheduler
+        # Upstream's full-mode gateway releases only failed forwards and leaves finished ones to
+        # the CMS reconciliation, sparing a round trip per request; an in-process scheduler
+        # takes the release as a call, and its account then drops requests that finished
+        # between two statuses at once instead of counting them until they expire (10 s).
+        self.release_finished = not full_mode or getattr(scheduler, "in_process", False)
         self.report_interval_s = report_interval_s if not full_mode else 0.0
         # counts the tokens of a replayed stream whose chunks carry no usage
         self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ApproxTokenizer()
@@ -207,7 +211,7 @@ class Proxy:
                 avoid.append((instance.endpoint.host, instance.endpoint.port))
                 return outcome
             if not isinstance(outcome, _Retry):
-                if accounted and not self.full_mode:
+                if accounted and self.release_finished:
                     await self.balancer.release(schedule, instance)
                 return outcome
             if accounted:

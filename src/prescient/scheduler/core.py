@@ -165,6 +165,9 @@ class SchedulerCore:
             await self._resolver.close()
             self._resolver, self._owns_resolver, self._subscribed = None, False, False
 
+    # the gateway it is embedded in may release every finished request: a call, not a request
+    in_process = True
+
     @property
     def wants_token_ids(self) -> bool:
         """Whether `schedule` reads `prompt_token_ids` (cache-aware full mode): the gateway

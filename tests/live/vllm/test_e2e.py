@@ -282,17 +282,22 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
     Every stream has text before the kill, and the engine killed is the one running the most
     of them, so its streams are cut mid-answer and must be replayed."""
     streaming = threading.Barrier(6, timeout=60)
+    length = 1200  # tokens: long enough that streams still run when the last shows text
     killed: list[VllmEngine] = []
 
     def kill_the_busiest() -> None:
-        # vLLM's gauge can read 0 for a moment between its stat updates: ask a few times
-        for _ in range(20):
-            running = {e.name: metric(e, "vllm:num_requests_running") for e in prescient.engines}
-            if max(running.values()) > 0:
-                break
+        # vLLM's running gauge can read 0 between its stat updates, and vLLM CPU sometimes
+        # holds a stream's text back until it ends: also ask which engine is generating now
+        generated = {e.name: metric(e, "vllm:generation_tokens_total") for e in prescient.engines}
+        for _ in range(40):
             time.sleep(0.05)
-        victim = max(prescient.engines, key=lambda e: running[e.name])
-        assert running[victim.name] > 0, running
+            busy = {e.name: (metric(e, "vllm:num_requests_running"),
+                             metric(e, "vllm:generation_tokens_total") - generated[e.name])
+                    for e in prescient.engines}
+            if max(busy.values()) > (0, 0):
+                break
+        victim = max(prescient.engines, key=lambda e: busy[e.name])
+        assert busy[victim.name] > (0, 0), busy
         victim.kill()
         killed.append(victim)
 
@@ -302,10 +307,10 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
             if i == 0:
                 kill_the_busiest()
         try:
-            ids, _text, usage = _stream(prescient.lite, f"kill-{i}", 600, on_text)
+            ids, _text, usage = _stream(prescient.lite, f"kill-{i}", length, on_text)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
-        done = usage is not None and usage.completion_tokens == 600  # type: ignore[attr-defined]
+        done = usage is not None and usage.completion_tokens == length  # type: ignore[attr-defined]
         return "ok" if done and len(ids) == 1 else f"incomplete: {usage}"
 
     with prescient.stack.diagnosis(), ThreadPoolExecutor(6) as pool:
