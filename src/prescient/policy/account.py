@@ -82,7 +82,7 @@ class AccountTotals(msgspec.Struct, frozen=True):
     num_tokens_inflight_dispatch_decode_requests: int = 0  # tokens
 
 
-_ZERO = AccountTotals()
+_ZERO_COUNTS = (0, 0, 0, 0, 0)
 _NO_QUEUE = (np.zeros(0), np.zeros(0))
 
 
@@ -191,9 +191,9 @@ class _InstanceAccount:
             self.num_requests -= 1
             entry.found_in_cms = True
 
-    def totals(self) -> AccountTotals:
-        return AccountTotals(self.num_prefill, self.num_decode, self.num_requests,
-                             self.prefill_uncomputed_tokens, self.decode_tokens)
+    def counts(self) -> tuple[int, int, int, int, int]:
+        return (self.num_prefill, self.num_decode, self.num_requests,
+                self.prefill_uncomputed_tokens, self.decode_tokens)
 
     def prefill_log(self) -> tuple[int, list[float], list[float]]:
         if self.prefill_tail is None:
@@ -336,8 +336,13 @@ class LocalAccount:
 
     def totals(self, instance_id: str) -> AccountTotals:
         """The instance's in-flight totals; zeros for an instance with no account. O(1)."""
+        return AccountTotals(*self.counts(instance_id))
+
+    def counts(self, instance_id: str) -> tuple[int, int, int, int, int]:
+        """`totals` as a plain tuple in `AccountTotals` field order, for the dispatcher's
+        per-decision row update (no struct to build)."""
         account = self._accounts.get(instance_id)
-        return _ZERO if account is None else account.totals()
+        return _ZERO_COUNTS if account is None else account.counts()
 
     def inflight_prefills(self, instance_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Dispatch times (s) and uncomputed tokens of the prefill-side legs counted on the

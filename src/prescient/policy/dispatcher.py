@@ -20,7 +20,6 @@ import enum
 import random
 from collections.abc import Mapping, Sequence
 
-import msgspec
 import numpy as np
 
 from prescient.cms.view import CmsView
@@ -123,11 +122,11 @@ class Dispatcher:
             self.state.set_status(row, status)
             if status is None and self.account is not None:
                 self.account.drop_instance(iid)  # its status key vanished: start afresh
-                self.state.set_account(row, msgspec.structs.astuple(self.account.totals(iid)))
+                self.state.set_account(row, self.account.counts(iid))
             if iid in replaced and self.account is not None and status is not None:
                 self.account.reconcile(iid, status.recent_waiting_requests,
                                        status.waiting_requests, now)
-                self.state.set_account(row, msgspec.structs.astuple(self.account.totals(iid)))
+                self.state.set_account(row, self.account.counts(iid))
         samples = self.cms.take_profiling_samples()
         for feature in self.features:
             feature.on_statuses(self.state, samples, now)
@@ -255,7 +254,7 @@ class Dispatcher:
         if row is None:
             return
         if self.account is not None:
-            self.state.set_account(row, msgspec.structs.astuple(self.account.totals(instance_id)))
+            self.state.set_account(row, self.account.counts(instance_id))
         if self.lite is not None:
             self.state.set_lite(row, self.lite.num_requests(instance_id),
                                 self.lite.num_tokens(instance_id))

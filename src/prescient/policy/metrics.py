@@ -83,8 +83,8 @@ def _num_waiting_requests(ctx: SchedulingContext) -> np.ndarray:
 
 def queued_prefill_tokens(st: ClusterState) -> np.ndarray:
     """`all_prefills_tokens_num` before any prediction: the status's and the account's part."""
-    return (st.s("num_uncomputed_tokens_all_waiting_prefills")
-            + st.s("num_uncomputed_tokens_scheduler_running_prefills")
+    return (st.status_sum("num_uncomputed_tokens_all_waiting_prefills",
+                          "num_uncomputed_tokens_scheduler_running_prefills")
             + st.a("num_uncomputed_tokens_inflight_dispatch_prefill_requests"))
 
 

@@ -84,6 +84,8 @@ class ClusterState:
         self.account = np.zeros((n, len(ACCOUNT_FIELDS)))
         self.lite = np.zeros((n, 2))  # requests, tokens
         self.predicted_output = np.zeros(n)  # predicted output tokens of in-flight requests
+        self._sums: dict[tuple[str, ...], np.ndarray] = {}
+        self._sums_version = -1
         self._columns = (self.has_status, self.schedulable, self.status, self.account, self.lite,
                          self.predicted_output)
         if old_cols is not None:
@@ -122,6 +124,19 @@ class ClusterState:
     def s(self, field: str) -> np.ndarray:
         """A status column by `InstanceStatus` field name."""
         return self.status[:, S[field]]
+
+    def status_sum(self, *fields: str) -> np.ndarray:
+        """The sum of these status columns, read-only, kept until `version` changes: metrics
+        add the dispatch accounts to it on every decision, the statuses change only on polls."""
+        if self._sums_version != self.version:
+            self._sums.clear()
+            self._sums_version = self.version
+        total = self._sums.get(fields)
+        if total is None:
+            total = self.status[:, [S[f] for f in fields]].sum(axis=1)
+            total.flags.writeable = False
+            self._sums[fields] = total
+        return total
 
     def a(self, field: str) -> np.ndarray:
         """A local-account column by upstream aggregate name."""

@@ -120,3 +120,23 @@ def test_the_shortcut_serves_lite_pipelines_without_static_filters() -> None:
     assert lite.pick(ctx, np.ones(3, bool)) == 1  # the first of the least
     assert lite.pick(SchedulingContext(request(), state, 0.0, rng),
                      np.array([True, False, True])) == 2
+
+
+def test_kept_status_sums_follow_new_statuses_and_the_instance_set() -> None:
+    """`status_sum` is kept between polls; a new status row or instance set recomputes it,
+    and dispatch counts (which change without a new version) are added on every read."""
+    a, b = meta("a"), meta("b")
+    st = state_of((a, status("a", num_uncomputed_tokens_all_waiting_prefills=100)),
+                  (b, status("b", num_uncomputed_tokens_scheduler_running_prefills=30)))
+    metric = make_metric("all_prefills_tokens_num")
+    ctx = SchedulingContext(request(), st, 1.0, random.Random(0))
+    assert list(metric.compute(ctx)) == [100, 30]
+    kept = st.status_sum("num_uncomputed_tokens_all_waiting_prefills",
+                         "num_uncomputed_tokens_scheduler_running_prefills")
+    assert not kept.flags.writeable
+    st.set_account(1, (1, 0, 1, 500, 0))
+    assert list(metric.compute(ctx)) == [100, 530]
+    st.set_status(0, status("a", 2000, num_uncomputed_tokens_scheduler_running_prefills=7))
+    assert list(metric.compute(ctx)) == [7, 530]
+    st.set_instances([b])
+    assert list(metric.compute(SchedulingContext(request(), st, 1.0, random.Random(0)))) == [530]
