@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import random
 import re
 import statistics
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -61,6 +63,37 @@ LOADED_DECODES = 3  # streams decoding while the prefill-sized steps are timed, 
 PRESET = "tiny-llama-cpu"
 PRESET_FILE = PRESET_DIR / f"preset_{PRESET}.json"
 MAX_PROMPT, MAX_OUTPUT = 1500, 256
+
+
+@contextlib.contextmanager
+def ahead_of_the_engines(engines: list[VllmEngine]) -> Iterator[None]:
+    """Run this process (the load generator) and what it starts meanwhile (the gateway) in the
+    real-time class, off the engines' worker cores, for as long as the vLLM engines run.
+
+    On a 2-core machine a process of the normal class that shares a core with vLLM CPU's busy
+    engine-core and worker processes can wait ~1 s for the CPU (up to 12 s on the worker's
+    core; a 5 ms sleep loop measured it): the client then reads a whole stream at its end and
+    records its generation time as TTFT (what earlier runs took for vLLM withholding streams).
+    Client and gateway need a few percent of a core, so the real-time class costs the engines
+    little as long as it does not preempt a worker's forward pass; on a GPU server they would
+    have cores of their own. Engines must be started first (children inherit the class).
+    """
+    cores = os.sched_getaffinity(0)
+    spare = cores - {e.core for e in engines}
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    except PermissionError:
+        print("warning: no real-time scheduling here (needs CAP_SYS_NICE): client timings "
+              "may include the client's own CPU starvation", file=sys.stderr)
+        yield
+        return
+    if spare:
+        os.sched_setaffinity(0, spare)
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setaffinity(0, cores)
 
 
 class Stream:
@@ -333,7 +366,8 @@ def live_run(venv: Path, work: Path, requests: list[Request], n_engines: int,
             e.start()
         for e in engines:
             e.wait_ready()
-        with (contextlib.nullcontext() if direct else gateway(engines, port, work, venv)):
+        with (ahead_of_the_engines(engines),
+              contextlib.nullcontext() if direct else gateway(engines, port, work, venv)):
             url = engines[0].url if direct else f"http://127.0.0.1:{port}"
             asyncio.run(replay(url, requests[:8]))  # warm-up: connections, first steps
             offsets = [e.log_size() for e in engines]
@@ -441,7 +475,7 @@ def write_preset(venv: Path, work: Path) -> None:
     port = free_port()
     try:
         engine.wait_ready()
-        with gateway([engine], port, work, venv):
+        with ahead_of_the_engines([engine]), gateway([engine], port, work, venv):
             cal = asyncio.run(calibrate(engine, f"http://127.0.0.1:{port}"))
     finally:
         engine.stop()
@@ -460,7 +494,8 @@ def measure_idle_wakeup(venv: Path, work: Path) -> None:
     engine.start()
     try:
         engine.wait_ready()
-        asyncio.run(idle_wakeup(engine.url))
+        with ahead_of_the_engines([engine]):
+            asyncio.run(idle_wakeup(engine.url))
     finally:
         engine.stop()
 
