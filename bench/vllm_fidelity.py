@@ -29,6 +29,7 @@ import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -500,6 +501,48 @@ def measure_idle_wakeup(venv: Path, work: Path) -> None:
         engine.stop()
 
 
+# a sleeper: 5 ms sleeps on one core, in the normal or the real-time class; prints its gaps
+_SLEEPER = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+if sys.argv[2] == "real-time":
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+gaps, last = [], time.perf_counter()
+while True:
+    time.sleep(0.005)
+    now = time.perf_counter()
+    gaps.append(now - last)
+    last = now
+    if len(gaps) % 200 == 0:
+        print(max(gaps) * 1e3, sorted(gaps)[int(len(gaps) * 0.99)] * 1e3, flush=True)
+"""
+
+
+def measure_starvation(venv: Path, work: Path, requests: list[Request]) -> None:
+    """How long a process that wants the CPU for a moment waits beside a busy vLLM CPU engine:
+    5 ms sleepers on each core, normal and real-time class, while one engine serves the replay
+    (its client real-time, as in the comparison)."""
+    engine = VllmEngine(venv, free_port(), 0, work)
+    engine.start()
+    try:
+        engine.wait_ready()
+        sleepers = {(core, kind): subprocess.Popen(
+            [sys.executable, "-c", _SLEEPER, str(core), kind], stdout=subprocess.PIPE, text=True)
+            for core in sorted(os.sched_getaffinity(0)) for kind in ("normal", "real-time")}
+        try:
+            with ahead_of_the_engines([engine]):
+                asyncio.run(replay(engine.url, requests))
+        finally:
+            for proc in sleepers.values():
+                proc.terminate()
+        for (core, kind), proc in sleepers.items():
+            last = (proc.communicate()[0].strip().splitlines() or ["nan nan"])[-1].split()
+            print(f"core {core}, {kind:9s}: longest wait {float(last[0]):8.1f} ms, p99 "
+                  f"{float(last[1]):6.1f} ms (a 5 ms sleep loop)")
+    finally:
+        engine.stop()
+
+
 def resimulate(dump: str, n_engines: int, plot: str | None) -> None:
     """The requests of a `--dump` file simulated again (the preset as it is now), compared
     with that run's real timings: the model changed, the engines did not."""
@@ -527,6 +570,9 @@ def parse_args() -> argparse.Namespace:
                              "the preset as it is now) and compare with its real timings")
     parser.add_argument("--idle-wakeup", action="store_true",
                         help="only measure one engine's TTFT after idle pauses of 0-1 s, direct")
+    parser.add_argument("--starvation", action="store_true",
+                        help="only measure how long processes beside one busy engine wait for "
+                             "the CPU (normal vs real-time class) during the replay")
     parser.add_argument("--direct", action="store_true",
                         help="replay straight to the engine, without a gateway (--engines 1)")
     return parser.parse_args()
@@ -542,6 +588,9 @@ def main() -> None:
         work = Path(d)
         if args.idle_wakeup:
             measure_idle_wakeup(venv, work)
+            return
+        if args.starvation:
+            measure_starvation(venv, work, workload(args.requests, args.rate_scale))
             return
         if args.write_preset:
             write_preset(venv, work)
