@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -46,7 +45,12 @@ sys.path.insert(0, str(ROOT))
 
 import msgspec  # noqa: E402
 from tests.live.harness import child, free_port  # noqa: E402
-from tests.live.vllm.engine import MODEL, VllmEngine, vllm_venv  # noqa: E402
+from tests.live.vllm.engine import (  # noqa: E402
+    MODEL,
+    VllmEngine,
+    ahead_of_the_engines,
+    vllm_venv,
+)
 
 from prescient.config.presets import PRESET_DIR, get_preset  # noqa: E402
 from prescient.config.scheduler import SchedulerSettings  # noqa: E402
@@ -64,37 +68,6 @@ LOADED_DECODES = 3  # streams decoding while the prefill-sized steps are timed, 
 PRESET = "tiny-llama-cpu"
 PRESET_FILE = PRESET_DIR / f"preset_{PRESET}.json"
 MAX_PROMPT, MAX_OUTPUT = 1500, 256
-
-
-@contextlib.contextmanager
-def ahead_of_the_engines(engines: list[VllmEngine]) -> Iterator[None]:
-    """Run this process (the load generator) and what it starts meanwhile (the gateway) in the
-    real-time class, off the engines' worker cores, for as long as the vLLM engines run.
-
-    On a 2-core machine a process of the normal class that shares a core with vLLM CPU's busy
-    engine-core and worker processes can wait ~1 s for the CPU (up to 12 s on the worker's
-    core; a 5 ms sleep loop measured it): the client then reads a whole stream at its end and
-    records its generation time as TTFT (what earlier runs took for vLLM withholding streams).
-    Client and gateway need a few percent of a core, so the real-time class costs the engines
-    little as long as it does not preempt a worker's forward pass; on a GPU server they would
-    have cores of their own. Engines must be started first (children inherit the class).
-    """
-    cores = os.sched_getaffinity(0)
-    spare = cores - {e.core for e in engines}
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    except PermissionError:
-        print("warning: no real-time scheduling here (needs CAP_SYS_NICE): client timings "
-              "may include the client's own CPU starvation", file=sys.stderr)
-        yield
-        return
-    if spare:
-        os.sched_setaffinity(0, spare)
-    try:
-        yield
-    finally:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        os.sched_setaffinity(0, cores)
 
 
 class Stream:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ..harness import free_port
-from .engine import VllmEngine, vllm_venv
+from .engine import VllmEngine, ahead_of_the_engines, vllm_venv
 
 ENABLED = os.environ.get("PRESCIENT_VLLM_TESTS") == "1"
 
@@ -49,7 +49,10 @@ def vllm_engines(vllm_env: Path, vllm_workdir: Path) -> Iterator[list[VllmEngine
             engine.start()
         for engine in engines:
             engine.wait_ready()
-        yield engines
+        # the test process and the services it starts would otherwise wait up to seconds for
+        # the CPU beside two busy engines (bench/vllm_fidelity.py --starvation)
+        with ahead_of_the_engines(engines):
+            yield engines
     finally:
         for engine in engines:
             engine.stop()

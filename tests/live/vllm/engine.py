@@ -20,9 +20,11 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -50,6 +52,42 @@ def _shm() -> set[str]:
         return {n for n in os.listdir("/dev/shm") if n.startswith(("psm_", "sem.mp-"))}
     except FileNotFoundError:
         return set()
+
+
+@contextlib.contextmanager
+def ahead_of_the_engines(engines: list[VllmEngine]) -> Iterator[None]:
+    """Run this process (the load generator) and what it starts meanwhile (the gateway) in the
+    real-time class, off the engines' worker cores, for as long as the vLLM engines run.
+
+    On a 2-core machine a process of the normal class that shares a core with vLLM CPU's busy
+    engine-core and worker processes can wait ~1 s for the CPU (up to 12 s on the worker's
+    core; a 5 ms sleep loop measured it): the client then reads a whole stream at its end and
+    records its generation time as TTFT (what earlier runs took for vLLM withholding streams).
+    Client and gateway need a few percent of a core, so the real-time class costs the engines
+    little as long as it does not preempt a worker's forward pass; on a GPU server they would
+    have cores of their own. Engines started meanwhile (a restart) run in the normal class.
+    """
+    cores = os.sched_getaffinity(0)
+    spare = cores - {e.core for e in engines}
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    except PermissionError:
+        print("warning: no real-time scheduling here (needs CAP_SYS_NICE): client timings "
+              "may include the client's own CPU starvation", file=sys.stderr)
+        yield
+        return
+    if spare:
+        os.sched_setaffinity(0, spare)
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setaffinity(0, cores)
+
+
+def _normal_class() -> None:
+    """An engine runs in the normal class even when started from a real-time process."""
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 class VllmEngine:
@@ -103,7 +141,7 @@ class VllmEngine:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env(), cwd=self.workdir,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_normal_class)
 
     def ready(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
