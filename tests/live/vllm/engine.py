@@ -85,9 +85,14 @@ def ahead_of_the_engines(engines: list[VllmEngine]) -> Iterator[None]:
         os.sched_setaffinity(0, cores)
 
 
+_CORES = os.sched_getaffinity(0)  # before `ahead_of_the_engines` narrows this process's
+
+
 def _normal_class() -> None:
-    """An engine runs in the normal class even when started from a real-time process."""
+    """An engine runs in the normal class on every core, even when started from within
+    `ahead_of_the_engines` (a restart)."""
     os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    os.sched_setaffinity(0, _CORES)
 
 
 class VllmEngine:

@@ -286,8 +286,8 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
     killed: list[VllmEngine] = []
 
     def kill_the_busiest() -> None:
-        # vLLM's running gauge can read 0 between its stat updates, and vLLM CPU sometimes
-        # holds a stream's text back until it ends: also ask which engine is generating now
+        # vLLM's running gauge can read 0 between its stat updates: also ask which engine is
+        # generating now
         generated = {e.name: metric(e, "vllm:generation_tokens_total") for e in prescient.engines}
         for _ in range(40):
             time.sleep(0.05)
