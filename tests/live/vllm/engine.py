@@ -15,6 +15,7 @@ whole group when the server is not ready; a SIGKILL leaves `psm_*` / `sem.mp-*` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -88,20 +89,23 @@ def ahead_of_the_engines(engines: list[VllmEngine]) -> Iterator[None]:
 _CORES = os.sched_getaffinity(0)  # before `ahead_of_the_engines` narrows this process's
 
 
-def _normal_class() -> None:
-    """An engine runs in the normal class on every core, even when started from within
+def _normal_class(cores: set[int]) -> None:
+    """An engine runs in the normal class on `cores`, even when started from within
     `ahead_of_the_engines` (a restart)."""
     os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    os.sched_setaffinity(0, _CORES)
+    os.sched_setaffinity(0, cores)
 
 
 class VllmEngine:
     """One `vllm serve` of the tiny model on `port`, its worker pinned to `core`."""
 
     def __init__(self, venv: Path, port: int, core: int, workdir: Path, *,
-                 extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
-                 ) -> None:
+                 extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
+                 confine: bool = False) -> None:
         self.venv, self.port, self.core = venv, port, core
+        # every process of the engine on its worker's core (API server, engine core), not
+        # only the worker: engines on a machine with as few cores then leave each other alone
+        self.cores = {core} if confine else _CORES
         self.name = f"vllm-{port}"  # with `log` and `url`: what tests.live.stack's helpers read
         self.workdir = workdir
         self.extra_args = extra_args
@@ -110,6 +114,7 @@ class VllmEngine:
         self.status_endpoint = f"ipc://{workdir}/status-{port}.ipc"
         self.kv_endpoint = f"ipc://{workdir}/kv-{port}.ipc"
         self.kv_replay_endpoint = f"ipc://{workdir}/kv-{port}-replay.ipc"
+        self.step_trace = workdir / f"steps-{port}.jsonl"  # the plugin's (prescient_vllm.trace)
         self.proc: subprocess.Popen[bytes] | None = None
         self._shm_before: set[str] = set()
 
@@ -137,7 +142,8 @@ class VllmEngine:
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
                    DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1",
                    VLLM_CPU_OMP_THREADS_BIND=str(self.core), PYTHONHASHSEED=HASH_SEED,
-                   PRESCIENT_STATUS_ENDPOINT=self.status_endpoint)
+                   PRESCIENT_STATUS_ENDPOINT=self.status_endpoint,
+                   PRESCIENT_STEP_TRACE=str(self.step_trace))
         env.update(self.extra_env)
         return env
 
@@ -146,7 +152,8 @@ class VllmEngine:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env(), cwd=self.workdir,
-                                         start_new_session=True, preexec_fn=_normal_class)
+                                         start_new_session=True,
+                                         preexec_fn=functools.partial(_normal_class, self.cores))
 
     def ready(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:

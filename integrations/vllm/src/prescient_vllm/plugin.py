@@ -18,6 +18,9 @@ Configuration is by environment, since vLLM passes a plugin nothing but its own 
 - `PRESCIENT_QUIET_ITERATION_LOGS` (default 1): vLLM logs one INFO line per step when
   `--enable-logging-iteration-details` is on (which the profiling sample needs); the plugin
   drops those lines unless this is 0.
+- `PRESCIENT_STEP_TRACE`: a file to append every step's timing and shape and each finished
+  request's engine-side latencies to, as JSON lines (`prescient_vllm.trace`; what a simulator
+  preset is calibrated from). Unset: no trace.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import zmq
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from prescient_vllm.status import capacity_tokens, engine_status
+from prescient_vllm.trace import TRACE_ENV, StepTrace
 
 logger = logging.getLogger("prescient_vllm")
 
@@ -75,6 +79,9 @@ class PrescientStatLogger(StatLoggerBase):
         self._requests = _find_request_table()
         self._encoder = msgspec.msgpack.Encoder()
         self._socket: zmq.Socket | None = None
+        trace = os.environ.get(TRACE_ENV, "")
+        self._trace = (StepTrace(trace.replace("{engine_index}", str(engine_index)),
+                                 self._requests) if trace else None)
         endpoint = os.environ.get(ENDPOINT_ENV, "")
         if not endpoint:
             logger.warning("prescient: %s is not set; no status is pushed", ENDPOINT_ENV)
@@ -92,13 +99,17 @@ class PrescientStatLogger(StatLoggerBase):
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
-        if scheduler_stats is None or self._socket is None:
+        if scheduler_stats is None or (self._socket is None and self._trace is None):
             return
-        self.steps += 1
-        capacity = capacity_tokens(self.cache_config.num_gpu_blocks, self.cache_config.block_size)
         requests = None
         if self._requests is not None:
             requests = list(self._requests.request_states.values())
+        if self._trace is not None:
+            self._trace.record(scheduler_stats, iteration_stats, requests)
+        if self._socket is None:
+            return
+        self.steps += 1
+        capacity = capacity_tokens(self.cache_config.num_gpu_blocks, self.cache_config.block_size)
         status = engine_status(scheduler_stats, capacity=capacity, step_id=self.steps,
                                requests=requests)
         # no llumlet connected yet (zmq.Again): the next step's status supersedes this one

@@ -1,0 +1,82 @@
+"""`StepTrace`: every engine step's timing and shape, and each finished request's engine-side
+latencies, appended as JSON lines to the file `PRESCIENT_STEP_TRACE` names.
+
+A simulator preset is calibrated from it (bench/vllm_fidelity.py). vLLM's iteration log gives
+a step's model time but stamps its lines to the second; a step's *period* (model time plus the
+engine loop's scheduling and output handling, what a stream's token gap shows) needs the engine
+core's own timestamp of each step's outputs (`EngineCoreOutputs.timestamp`, CLOCK_MONOTONIC,
+so comparable with `time.monotonic()` anywhere on the host). vLLM hands that timestamp to its
+output processor but not to stat loggers, so the trace wraps the processor's
+`process_outputs` to see it.
+
+Lines, one JSON object each:
+
+- a step: `{"t": the engine's timestamp of the step's outputs in s (null for a step that had
+  none, a prefill chunk that finished no prompt), "model_ms", "prefills", "prefill_tokens",
+  "decodes", "decode_context": context tokens (prompt + generated) of the decoding requests
+  after the step, "running", "waiting"}`;
+- a finished request: `{"request": its external id, "prompt", "cached", "generated",
+  "queued_s", "prefill_s", "decode_s"}` (vLLM's `FinishedRequestStats`: queued from arrival
+  at the engine core to first scheduled, prefill from then to the first token, decode from
+  the first token to the last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from prescient_vllm.status import RequestView, generated_tokens
+
+TRACE_ENV = "PRESCIENT_STEP_TRACE"
+
+
+class StepTrace:
+    """Appends one engine's steps and finished requests to `path`."""
+
+    def __init__(self, path: str, output_processor: Any | None) -> None:
+        # line-buffered: a reader sees each step as soon as it is written (one write per step
+        # is microseconds against steps of milliseconds)
+        self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self._encoder = msgspec.json.Encoder()
+        self._stamp: float | None = None
+        if output_processor is not None:
+            process = output_processor.process_outputs
+
+            def stamped(outputs: Any, engine_core_timestamp: float | None = None,
+                        *args: Any, **kwargs: Any) -> Any:
+                self._stamp = engine_core_timestamp
+                return process(outputs, engine_core_timestamp, *args, **kwargs)
+
+            output_processor.process_outputs = stamped
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any,
+               requests: Iterable[RequestView] | None) -> None:
+        stamp, self._stamp = self._stamp, None
+        details = getattr(scheduler_stats, "iteration_details", None)
+        lines = []
+        if details is not None and not details.is_dummy:
+            context = sum(r.prompt_len + generated_tokens(r) for r in requests or ()
+                          if not r.is_prefilling)
+            lines.append({
+                "t": stamp, "model_ms": float(details.elapsed_ms),
+                "prefills": int(details.num_ctx_requests),
+                "prefill_tokens": int(details.num_ctx_tokens),
+                "decodes": int(details.num_generation_requests), "decode_context": context,
+                "running": int(scheduler_stats.num_running_reqs),
+                "waiting": int(scheduler_stats.num_waiting_reqs)})
+        for done in getattr(iteration_stats, "finished_requests", None) or ():
+            lines.append({
+                "request": done.request_id, "prompt": int(done.num_prompt_tokens),
+                "cached": int(done.num_cached_tokens),
+                "generated": int(done.num_generation_tokens),
+                "queued_s": float(done.queued_time), "prefill_s": float(done.prefill_time),
+                "decode_s": float(done.decode_time)})
+        if lines:
+            self._file.write("".join(self._encoder.encode(line).decode() + "\n"
+                                     for line in lines))
+
+    def close(self) -> None:
+        self._file.close()
