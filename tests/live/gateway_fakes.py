@@ -35,6 +35,7 @@ class FakeEngine:
         self.bodies: list[bytes] = []
         self.fail_next = 0  # answer 500 to this many requests
         self.hold: asyncio.Event | None = None  # streams wait here after their first event
+        self.linger: asyncio.Event | None = None  # ...and here after [DONE], before the end
         self.stall = False  # never answer; wait for the client to leave
         self.disconnects = 0
         self._server: asyncio.Server | None = None
@@ -90,6 +91,9 @@ class FakeEngine:
             if i == 0 and self.hold is not None:
                 await self.hold.wait()
         response.write(b"data: [DONE]\n\n")
+        if self.linger is not None:
+            await response.drain()
+            await self.linger.wait()
         response.end()
 
     def _gone(self, _: object) -> None:

@@ -282,6 +282,28 @@ def test_client_leaving_mid_stream_closes_the_engine_connection() -> None:
     asyncio.run(main())
 
 
+def test_a_client_leaving_after_done_got_a_whole_answer() -> None:
+    """The client reads `[DONE]` and hangs up before the engine ends its body: the gateway
+    closes the engine's connection, yet the client got every event: a 200, not a 499."""
+    async def main() -> None:
+        a = FakeEngine("a", events=3)
+        a.linger = asyncio.Event()  # never set: the body never ends
+        async with stack([a], None, "--scheduling-policy", "round-robin") as s:
+            stream = await s.client.completions.create(model=MODEL, prompt="x", stream=True)
+            assert len([chunk async for chunk in stream]) == 3
+            await stream.close()
+            for _ in range(1000):
+                if a.disconnects:
+                    break
+                await asyncio.sleep(0.01)
+            metrics = (await _raw(s.url + "/metrics", "GET")).text
+        assert a.disconnects == 1
+        assert 'kind="completion",status="200"' in metrics
+        assert 'status="499"' not in metrics
+
+    asyncio.run(main())
+
+
 def test_bad_requests_get_openai_errors() -> None:
     async def main() -> None:
         a = FakeEngine("a")

@@ -332,11 +332,11 @@ class Proxy:
         """The stream broke after bytes reached the client: tell it in-band, if it is there.
         (After the upstream's `[DONE]` the stream is whole: it just ends.) `counted`: the
         failure is in the error metrics already."""
-        if request.is_disconnected:
-            return CLIENT_GONE
-        if tail.endswith(b"data: [DONE]\n\n"):
+        if tail.endswith(b"data: [DONE]\n\n"):  # whole, even if the client has left since
             response.end()
             return 200
+        if request.is_disconnected:
+            return CLIENT_GONE
         if not counted:
             self.metrics.error("upstream_closed")
         sep = b"" if not tail or tail.endswith(b"\n\n") else b"\n\n"
