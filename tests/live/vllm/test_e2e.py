@@ -284,6 +284,12 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
     streaming = threading.Barrier(6, timeout=60)
     length = 1200  # tokens: long enough that streams still run when the last shows text
     killed: list[VllmEngine] = []
+    seen: list[object] = []  # (running and new tokens by engine, the victim): for a failure
+    # work an earlier test left on an engine would make that engine look the busiest
+    wait_until(lambda: all(metric(e, "vllm:num_requests_running")
+                           + metric(e, "vllm:num_requests_waiting") == 0
+                           for e in prescient.engines), 60, "both vLLM engines idle",
+               prescient.stack)
 
     def kill_the_busiest() -> None:
         # vLLM's running gauge can read 0 between its stat updates: also ask which engine is
@@ -297,6 +303,7 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
             if max(busy.values()) > (0, 0):
                 break
         victim = max(prescient.engines, key=lambda e: busy[e.name])
+        seen.append((busy, victim.name))
         assert busy[victim.name] > (0, 0), busy
         victim.kill()
         killed.append(victim)
@@ -317,4 +324,5 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
         outcomes = list(pool.map(one, range(6)))
     assert outcomes == ["ok"] * 6, outcomes
     assert killed and not killed[0].running
-    assert metric(prescient.lite, "prescient_gateway_replays_total") >= 1
+    assert metric(prescient.lite, "prescient_gateway_replays_total") >= 1, (
+        f"no stream was cut: {seen}\n{prescient.lite.log.read_text()[-2000:]}")
