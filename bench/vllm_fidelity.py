@@ -1,18 +1,18 @@
-"""Simulator fidelity: the same workload on two real vLLM CPU engines and in `prescient simulate`.
+"""Simulator fidelity: the same workload on real vLLM CPU engines and in `prescient simulate`.
 
-1. **Calibrate** a preset for the tiny vLLM CPU engine (`tiny-llama-cpu`) from measured timings
-   of one engine behind a gateway, as served: vLLM's own per-step model time
-   (`--enable-logging-iteration-details`) binned by scheduled tokens, turned into step periods
-   (the table-driven step model: small steps from decode streams' token gaps, prefill-sized ones
-   from the model time plus the loop overhead a single decode shows), and the serving path's
-   per-request cost (an idle engine's TTFT minus its prefill step: HTTP, gateway, API server).
-   `--write-preset` stores them in `src/prescient/data/preset_tiny-llama-cpu.json`.
-2. **Replay** one workload, arrivals and lengths shaped like the Azure conversation trace and
+1. **Replay** a workload, arrivals and lengths shaped like the Azure conversation trace and
    scaled to what the tiny CPU engines serve, through a Prescient gateway on `--engines` real
-   engines (one per core), streaming, and record each request's TTFT and TPOT at the client.
-3. **Simulate** the same requests on as many `tiny-llama-cpu` instances with the same policy,
-   and compare the TTFT and TPOT distributions (p50, p90, p99; goal: medians within 5%, p99
-   within 15%), with a CDF plot (`--plot`).
+   engines (one per core), streaming; record each request's TTFT and TPOT at the client, and
+   at the engines every step and finished request (the stat-logger plugin's step trace,
+   `PRESCIENT_STEP_TRACE`: each step's output timestamp from the engine core, so its period).
+2. **Fit** (`--write-preset`) the preset `tiny-llama-cpu` to a calibration replay of the
+   trace's next `--requests` requests on the same engines minutes before: the step table and
+   the decodes' context cost by least squares over the steps the engines ran back to back, and
+   the serving path (HTTP, gateway, API server) from each request's TTFT at the client minus
+   at the engine core. Stored in `src/prescient/data/preset_tiny-llama-cpu.json`.
+3. **Simulate** the compared requests on as many `tiny-llama-cpu` instances with the same
+   policy, and compare the TTFT and TPOT distributions at the client (p50, p90, p99; goal:
+   medians within 5%, p99 within 15%) and at the engine core, with a CDF plot (`--plot`).
 
     .venv/bin/python bench/vllm_fidelity.py --write-preset --engines 1 --rate-scale 0.5 \
         --requests 300 --plot bench/results/vllm_fidelity_1engine.png
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -33,9 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import aiohttp
 import numpy as np
@@ -58,26 +60,21 @@ from prescient.model import Request  # noqa: E402
 from prescient.sim.cluster import InstanceSpec, SimSettings, simulate  # noqa: E402
 from prescient.sim.traces import load_trace  # noqa: E402
 
-TABLE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-# decode calibration: B streams of DECODE_TOKENS tokens, timed over their steady middle (gaps
-# 10..-10: a mean of ~48 generated tokens), after short or long prompts; the difference gives
-# the cost of a decode's context (the table's c_kv), which short prompts alone cannot show
-DECODE_TOKENS, SHORT_PROMPT, LONG_PROMPT = 96, 16, 1024
-SHORT_CTX, LONG_CTX = SHORT_PROMPT + 48, LONG_PROMPT + 48
-LOADED_DECODES = 3  # streams decoding while the prefill-sized steps are timed, as in a replay
+# the step table's candidate rows (scheduled tokens); a row keeps only with this many steps'
+# weight around it in the replay it is fitted to
+KNOTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048)
+MIN_SUPPORT = 5.0
 PRESET = "tiny-llama-cpu"
 PRESET_FILE = PRESET_DIR / f"preset_{PRESET}.json"
 MAX_PROMPT, MAX_OUTPUT = 1500, 256
 
 
-class Stream:
-    """One streamed completion's client-side timings."""
+class Stream(NamedTuple):
+    """One streamed completion's client-side timings, s."""
 
-    def __init__(self, ttft: float, gaps: list[float], tokens: int, head: float = 0.0,
-                 first_byte: float = 0.0) -> None:
-        self.ttft, self.gaps, self.tokens = ttft, gaps, tokens
-        self.head = head  # the response head's arrival, seconds after sending
-        self.first_byte = first_byte  # the first body bytes' arrival
+    ttft: float
+    gaps: list[float]  # between tokens
+    sent: float  # time.monotonic() when sent: the engines' step traces use that clock
 
     @property
     def tpot(self) -> float | None:
@@ -90,183 +87,158 @@ async def stream(http: aiohttp.ClientSession, url: str, prompt: list[int], max_t
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True}
     headers = {"x-request-id": request_id} if request_id else {}
-    start = time.perf_counter()
+    sent, start = time.monotonic(), time.perf_counter()
     times: list[float] = []
-    first_byte = 0.0
     async with http.post(url + "/v1/completions", json=body, headers=headers) as r:
-        head = time.perf_counter() - start
         assert r.status == 200, await r.text()
         buffer = b""
         async for data in r.content.iter_any():
             now = time.perf_counter()
-            first_byte = first_byte or now - start
             buffer += data
             *events, buffer = buffer.split(b"\n\n")
             for event in events:
                 if event.startswith(b"data: {") and b'"text"' in event:
                     times.append(now)
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    return Stream(times[0] - start, gaps, len(times), head, first_byte)
-
-
-def steps_since(engine: VllmEngine, offset: int) -> np.ndarray:
-    return np.array(engine.steps_since(offset), dtype=np.float64).reshape(-1, 6)
+    return Stream(times[0] - start, gaps, sent)
 
 
 def tokens_of(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(10, 1400) for _ in range(n)]
 
 
-# ---- 1. calibration ---------------------------------------------------------------------------
+# ---- 1. the engines' step traces, and a preset fitted from them ------------------------------
 
 
-async def calibrate(engine: VllmEngine, url: str) -> dict[str, object]:
-    """Timings of `engine` as a client sees them through `url` (the gateway in front of it)."""
-    rng = random.Random(11)
-    async with aiohttp.ClientSession() as http:
-        for _ in range(5):  # warm-up
-            await stream(http, url, tokens_of(rng, 64), 4)
-        offset = engine.log_size()
-        # prefill: idle engine, one request at a time, 2 output tokens
-        prefill: dict[int, list[float]] = {}
-        for p in (16, 64, 256, 512, 1024, 1500):
-            for _ in range(5):
-                s = await stream(http, url, tokens_of(rng, p), 2)
-                prefill.setdefault(p, []).append(s.ttft)
-        # the same 64-token prefill after idle spells: what waking the engine costs
-        wake = {gap: await ttft_after_idle(http, url, rng, 64, gap, 8) for gap in IDLE_GAPS}
-        # decode: B concurrent streams, short prompts, then (fewer) long ones
-        async def periods(b: int, prompt: int) -> list[float]:
-            runs = await asyncio.gather(*(stream(http, url, tokens_of(rng, prompt),
-                                                 DECODE_TOKENS) for _ in range(b)))
-            # steady state only; a stream vLLM withheld until its end (all gaps ~0) says nothing
-            return [g for s in runs if s.gaps and max(s.gaps) > 1e-4 for g in s.gaps[10:-10]]
+@dataclasses.dataclass
+class EngineTrace:
+    """What one engine's `PRESCIENT_STEP_TRACE` (`prescient_vllm.trace`) recorded in a replay."""
 
-        decode = {b: await periods(b, SHORT_PROMPT) for b in (1, 2, 4, 8, 16, 32, 64)}
-        decode_long = {b: await periods(b, LONG_PROMPT) for b in (1, 4, 8, 16)}
-        # prefill-sized steps as a replay runs them: prompts arriving while others decode
-        loaded_offset = engine.log_size()
-        background = [asyncio.create_task(stream(http, url, tokens_of(rng, LONG_PROMPT),
-                                                 MAX_OUTPUT)) for _ in range(LOADED_DECODES)]
-        await asyncio.sleep(0.1)
-        for p in (256, 512, 1024, 1500):
-            for _ in range(3):
-                await stream(http, url, tokens_of(rng, p), 2)
-        await asyncio.gather(*background)
-    loaded = steps_since(engine, loaded_offset)
-    steps = steps_since(engine, offset)[:-len(loaded) or None]
-    return {"prefill": prefill, "wake": wake, "decode": decode, "decode_long": decode_long,
-            "steps": steps.tolist(), "steps_loaded": loaded.tolist()}
+    steps: list[dict[str, Any]]
+    finished: dict[str, dict[str, Any]]  # by the client's x-request-id
 
+    def __post_init__(self) -> None:
+        self._timed = [s for s in self.steps if s["t"] is not None]
+        self._stamps = [s["t"] for s in self._timed]
 
-IDLE_GAPS = (0.05, 0.3, 1.0)  # seconds an engine idles before a request (idle wake-up)
+    @classmethod
+    def read(cls, path: Path, offset: int = 0) -> EngineTrace:
+        """The lines appended after byte `offset`."""
+        with open(path, "rb") as f:
+            f.seek(offset)
+            lines = [json.loads(line) for line in f.read().splitlines()]
+        finished = {}
+        for line in lines:
+            if "request" in line:  # vLLM's id for x-request-id R is "cmpl-R-<choice>"
+                finished[re.sub(r"-\d+$", "", line["request"].removeprefix("cmpl-"))] = line
+        return cls([line for line in lines if "model_ms" in line], finished)
 
+    def busy_steps(self) -> np.ndarray:
+        """(scheduled tokens, decode context tokens, period ms, model ms) of every step the
+        engine ran straight after another (the one before left requests running or waiting):
+        the step's period is then the gap between the two steps' output timestamps."""
+        rows = [(cur["prefill_tokens"] + cur["decodes"], cur["decode_context"],
+                 (cur["t"] - prev["t"]) * 1e3, cur["model_ms"])
+                for prev, cur in itertools.pairwise(self.steps)
+                if prev["t"] is not None and cur["t"] is not None
+                and prev["running"] + prev["waiting"] > 0]
+        return np.array(rows, dtype=np.float64).reshape(-1, 4)
 
-async def ttft_after_idle(http: aiohttp.ClientSession, url: str, rng: random.Random,
-                          prompt: int, gap: float, n: int) -> list[float]:
-    """TTFTs (s) of `n` sequential 2-token requests, each after `gap` s of idling."""
-    ttfts = []
-    for _ in range(n):
-        await asyncio.sleep(gap)
-        ttfts.append((await stream(http, url, tokens_of(rng, prompt), 2)).ttft)
-    return ttfts
+    def idle_at(self, when: float) -> bool:
+        """Whether the engine had nothing to run at `when` (time.monotonic())."""
+        i = bisect.bisect_right(self._stamps, when)
+        return i == 0 or self._timed[i - 1]["running"] + self._timed[i - 1]["waiting"] == 0
+
+    def engine_ttft(self, request_id: str) -> float | None:
+        """A request's TTFT in s as the engine core timed it, from queued to first token. One
+        that reaches a busy engine is queued only when the running step ends: this leaves
+        that wait out."""
+        done = self.finished.get(request_id)
+        return None if done is None else done["queued_s"] + done["prefill_s"]
 
 
-async def idle_wakeup(url: str) -> None:
-    """TTFT of one request after the engine idled for a while (the calibration's requests
-    come back to back)."""
-    rng = random.Random(3)
-    async with aiohttp.ClientSession() as http:
-        for _ in range(5):  # warm-up
-            await stream(http, url, tokens_of(rng, 64), 2)
-        for p in (64, 1024):
-            for gap in (0.0, *IDLE_GAPS):
-                ttfts = [t * 1e3 for t in await ttft_after_idle(http, url, rng, p, gap, 15)]
-                print(f"prompt {p:5d} tokens, idle {gap:4.2f} s before each: TTFT median "
-                      f"{statistics.median(ttfts):6.2f} ms, min {min(ttfts):6.2f} ms", flush=True)
+def _hat_basis(tokens: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """The table's linear interpolation as a matrix: row i weighs each knot's period in the
+    period of a step of tokens[i] tokens (so a least-squares fit yields the table's rows)."""
+    idx = np.clip(np.searchsorted(knots, tokens, side="right") - 1, 0, len(knots) - 2)
+    w = np.clip((tokens - knots[idx]) / (knots[idx + 1] - knots[idx]), 0.0, 1.0)
+    basis = np.zeros((len(tokens), len(knots)))
+    rows = np.arange(len(tokens))
+    basis[rows, idx] = 1 - w
+    basis[rows, idx + 1] += w
+    return basis
 
 
-def _binned_model_times(steps: np.ndarray) -> list[tuple[float, float]]:
-    """(median scheduled tokens, median model ms) per TABLE_TOKENS bin with >= 3 steps."""
-    scheduled = steps[:, 2] + steps[:, 4]
-    elapsed = steps[:, 5]
-    out = []
-    for lo, hi in zip(TABLE_TOKENS, (*TABLE_TOKENS[1:], 10**9), strict=True):
-        mask = (scheduled >= lo) & (scheduled < hi)
-        if mask.sum() >= 3:
-            out.append((float(np.median(scheduled[mask])), float(np.median(elapsed[mask]))))
-    return out
+def _non_decreasing(values: np.ndarray, weights: np.ndarray) -> list[float]:
+    """Weighted isotonic regression (pool adjacent violators): a step of more tokens is never
+    faster, and where the fit says otherwise its neighbours are averaged, not maximised."""
+    blocks: list[list[float]] = []  # [value, weight, rows]
+    for v, w in zip(values, weights, strict=True):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return [v for v, _, n in blocks for _ in range(int(n))]
 
 
-def fit_preset(cal: dict[str, object]) -> dict[str, object]:
-    """The step table and the serving path's per-request cost.
+def fit_steps(busy: np.ndarray) -> tuple[list[int], list[float], float]:
+    """The step table (knots, periods in ms) and c_kv (ms per decode per context token) that
+    best explain the busy steps' periods, in least squares: the simulator's step model is
+    that table interpolated plus c_kv x the decodes' context. Knots without at least
+    `MIN_SUPPORT` steps' weight nearby are dropped; outliers (a step the OS preempted) are
+    trimmed once, beyond 5 median absolute deviations."""
+    tokens, context, period = busy[:, 0], busy[:, 1], busy[:, 2]
+    top = float(tokens.max())
+    knots = np.array([k for k in KNOTS if k < top] + [top])
+    while len(knots) > 2:
+        support = _hat_basis(tokens, knots).sum(axis=0)
+        if support.min() >= MIN_SUPPORT:
+            break
+        knots = np.delete(knots, int(np.argmin(support)))
+    basis = _hat_basis(tokens, knots)
+    keep = np.ones(len(period), dtype=bool)
+    for _ in range(2):
+        design = np.column_stack([basis, context])
+        coef = np.linalg.lstsq(design[keep], period[keep], rcond=None)[0]
+        if coef[-1] < 0:  # context cannot make a step faster
+            coef = np.append(np.linalg.lstsq(basis[keep], period[keep], rcond=None)[0], 0.0)
+        residual = period - np.column_stack([basis, context]) @ coef
+        mad = float(np.median(np.abs(residual - np.median(residual))))
+        keep = np.abs(residual) <= 50 * max(mad, 1e-3)
+    ms = _non_decreasing(coef[:-1], basis[keep].sum(axis=0))
+    return [round(float(k)) for k in knots], ms, float(coef[-1])
 
-    The table holds step *periods* by scheduled tokens, as the client sees them: up to the
-    largest calibrated decode batch, the median token gap of B concurrent decode streams (a
-    decode step schedules B tokens); above, prefill-sized steps: vLLM's median model time for
-    that many tokens plus the loop overhead a single decode showed (its period minus its model
-    time), timed while `LOADED_DECODES` other streams decode (a replay's prefills rarely run
-    alone). `c_kv` (ms per decode per token of its context) is the long-prompt streams' extra
-    period over the short-prompt ones; the decode periods in the table have their own
-    contexts' share taken out, since the step model adds `c_kv` x the decodes' contexts. The
-    per-request cost is an idle engine's TTFT minus its prefill step's period; the wake-up
-    table, how much later a 64-token prefill answers after an idle spell than back to back.
-    """
-    steps = np.array(cal["steps"])  # type: ignore[arg-type]
-    model = _binned_model_times(steps)
-    # prefill-sized steps as timed while others decode: a line through every such step of at
-    # least 256 tokens (power-of-two bins' medians mixed the prompt sizes and chunk remainders)
-    loaded = np.array(cal.get("steps_loaded", [])).reshape(-1, 6)
-    tokens = loaded[:, 2] + loaded[:, 4]
-    big = tokens >= 256
-    if big.sum() >= 6:
-        slope, intercept = np.polyfit(tokens[big], loaded[big, 5], 1)
-        model = [(x, y) for x, y in model if x < 256] + [
-            (float(x), float(intercept + slope * x)) for x in (256, 512, 1024, 1536, 2048)]
 
-    def model_ms(tokens: float) -> float:
-        xs, ys = zip(*model, strict=True)
-        return float(np.interp(tokens, xs, ys))
-
-    decode = {int(b): gaps for b, gaps in cal["decode"].items() if gaps}  # type: ignore[union-attr]
-    periods = {b: statistics.median(gaps) * 1e3 for b, gaps in sorted(decode.items())}
-    long = {int(b): gaps for b, gaps in cal.get("decode_long", {}).items()  # type: ignore[union-attr]
-            if gaps and int(b) in periods}
-    slopes = [(statistics.median(gaps) * 1e3 - periods[b]) / (b * (LONG_CTX - SHORT_CTX))
-              for b, gaps in long.items()]
-    c_kv = max(statistics.median(slopes), 0.0) if slopes else 0.0
-    periods = {b: p - c_kv * b * SHORT_CTX for b, p in periods.items()}
-    overhead = max(periods[min(periods)] - model_ms(float(min(periods))), 0.0)
-    largest = max(periods)
-    table = [(float(b), p) for b, p in periods.items()]
-    table += [(x, y + overhead) for x, y in model if x > largest]
-    table_x = tuple(x for x, _ in table)
-    # a step of more tokens is never faster: the running maximum irons out measurement noise
-    table_y = tuple(float(y) for y in np.maximum.accumulate([y for _, y in table]))
-    prefill = cal["prefill"]  # type: ignore[assignment]
-    frontend = statistics.median(
-        statistics.median(t) * 1e3 - float(np.interp(float(p), table_x, table_y))
-        for p, t in prefill.items())  # type: ignore[union-attr]
-    base = statistics.median({int(p): t for p, t in prefill.items()}[64]) * 1e3  # type: ignore[union-attr]
-    wake = [(0.0, 0.0)] + [
-        (float(gap), round(max(statistics.median(t) * 1e3 - base, 0.0), 3))
-        for gap, t in sorted(cal.get("wake", {}).items(), key=lambda kv: float(kv[0]))]  # type: ignore[union-attr]
-    return {"tokens": [round(x) for x in table_x], "ms": [round(y, 4) for y in table_y],
-            "idle_wakeup_ms": wake if len(wake) > 1 else [],
-            "c_seq": 0.0, "c_kv": round(c_kv, 8), "step_overhead_ms": round(overhead, 4),
-            "frontend_ms": round(max(frontend, 0.0), 4),
-            "source": "bench/vllm_fidelity.py --write-preset: vLLM 0.32 CPU, one core, behind "
-                      f"a lite gateway, {len(steps)} steps, {time.strftime('%Y-%m-%d')}"}
+def fit_preset(run: LiveReplay) -> dict[str, object]:
+    """A `tiny-llama-cpu` preset from a replay: the step table and c_kv from every engine's
+    busy steps, and the serving path (HTTP, gateway, API server: a request reaches its engine
+    this much later in the simulator) from the TTFT at the client minus at the engine core of
+    the requests sent while their engine idled (median)."""
+    busy = np.concatenate([t.busy_steps() for t in run.traces])
+    knots, ms, c_kv = fit_steps(busy)
+    # only requests sent to an idle engine: one that finds a step running waits for it
+    # before vLLM queues it, a wait the simulator has of its own
+    serving = [stream.ttft - ttft for rid, stream in run.streams.items()
+               for trace in run.traces if (ttft := trace.engine_ttft(rid)) is not None
+               and trace.idle_at(stream.sent)]
+    overhead = float(np.median(busy[:, 2] - busy[:, 3]))
+    return {"tokens": knots, "ms": [round(y, 4) for y in ms], "c_seq": 0.0,
+            "c_kv": round(c_kv, 8), "step_overhead_ms": round(overhead, 4),
+            "frontend_ms": round(max(statistics.median(serving) * 1e3, 0.0), 4),
+            "source": "bench/vllm_fidelity.py --write-preset: vLLM 0.32 CPU, one core per "
+                      f"engine, behind a lite gateway, fitted to {len(busy)} busy steps and "
+                      f"{len(serving)} requests of a replay, {time.strftime('%Y-%m-%d')}"}
 
 
 # ---- 2. the workload, live ------------------------------------------------------------------
 
 
-def workload(n: int, rate_scale: float) -> list[Request]:
-    """The first `n` requests of the bundled Azure conversation trace, arrivals `rate_scale`x
-    faster, prompts clipped to MAX_PROMPT and outputs to MAX_OUTPUT tokens (the tiny engines'
-    2048-token context)."""
-    trace = load_trace("azure-conv").requests[:n]
+def workload(n: int, rate_scale: float, skip: int = 0) -> list[Request]:
+    """`n` requests of the bundled Azure conversation trace after its first `skip`, arrivals
+    `rate_scale`x faster from 0, prompts clipped to MAX_PROMPT and outputs to MAX_OUTPUT tokens
+    (the tiny engines' 2048-token context)."""
+    trace = load_trace("azure-conv").requests[skip:skip + n]
     t0 = trace[0].arrival_time
     return [msgspec.structs.replace(
         r, arrival_time=(r.arrival_time - t0) / rate_scale,
@@ -293,30 +265,6 @@ async def replay(url: str, requests: list[Request]) -> dict[str, Stream]:
     return out
 
 
-def _hist(url: str, name: str) -> dict[float, float]:
-    """A Prometheus histogram's cumulative bucket counts, summed over series."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[float, float] = {}
-    for m in re.finditer(rf'^{re.escape(name)}_bucket{{[^}}]*le="([^"]+)"[^}}]*}} (\S+)$', text,
-                         re.MULTILINE):
-        le = float(m.group(1))
-        out[le] = out.get(le, 0.0) + float(m.group(2))
-    return out
-
-
-def _quantiles_of(buckets: dict[float, float]) -> str:
-    """p50 / p90 / p99 upper bucket bounds of a cumulative histogram, in ms."""
-    items = sorted(buckets.items())
-    total = items[-1][1] if items else 0
-    if not total:
-        return "no samples"
-    def q(p: float) -> str:
-        le = next(le for le, c in items if c >= p * total)
-        return f"<={le * 1e3:g}"
-    return f"p50 {q(0.5)}, p90 {q(0.9)}, p99 {q(0.99)} ms ({int(total)} requests)"
-
-
 def gateway(engines: list[VllmEngine], port: int, work: Path, venv: Path
             ) -> AbstractContextManager[object]:
     """A lite-mode gateway (embedded load-balance) in front of `engines`, on `port`."""
@@ -327,13 +275,22 @@ def gateway(engines: list[VllmEngine], port: int, work: Path, venv: Path
                  log=work / f"gateway-{port}.log")
 
 
-def live_run(venv: Path, work: Path, requests: list[Request], n_engines: int,
-             direct: bool = False) -> tuple[dict[str, Stream], np.ndarray]:
-    """Client timings per request, and every step the engines ran (their iteration logs).
-    `direct`: the client talks to the (single) engine, no gateway in between."""
-    engines = [VllmEngine(venv, free_port(), core, work,
-                          extra_env={"PRESCIENT_QUIET_ITERATION_LOGS": "0"})
+class LiveReplay(NamedTuple):
+    streams: dict[str, Stream]  # the client's timings, by request id
+    traces: list[EngineTrace]  # each engine's steps and finished requests
+
+
+def live_run(venv: Path, work: Path, windows: list[list[Request]], n_engines: int,
+             direct: bool = False) -> list[LiveReplay]:
+    """Each window of requests replayed in turn on the same `n_engines` real engines (one per
+    core) behind a lite gateway, or `direct` to the one engine. Engines that take every core
+    each keep all their processes on their worker's core: unconfined, an engine's API server
+    and engine core compete with the other engine's worker, whose steps then stall for up
+    to seconds (two engines on two cores: TTFT p99 1.7 s, against 85 ms confined)."""
+    confine = n_engines >= len(os.sched_getaffinity(0))
+    engines = [VllmEngine(venv, free_port(), core, work, confine=confine)
                for core in range(n_engines)]
+    traces = [e.step_trace for e in engines]
     port = free_port()
     try:
         for e in engines:
@@ -343,23 +300,15 @@ def live_run(venv: Path, work: Path, requests: list[Request], n_engines: int,
         with (ahead_of_the_engines(engines),
               contextlib.nullcontext() if direct else gateway(engines, port, work, venv)):
             url = engines[0].url if direct else f"http://127.0.0.1:{port}"
-            asyncio.run(replay(url, requests[:8]))  # warm-up: connections, first steps
-            offsets = [e.log_size() for e in engines]
-            before = [_hist(e.url, "vllm:time_to_first_token_seconds") for e in engines]
-            gw_before = {} if direct else _hist(url, "prescient_gateway_ttft_seconds")
-            streams = asyncio.run(replay(url, requests))
-            after = [_hist(e.url, "vllm:time_to_first_token_seconds") for e in engines]
-            gw_after = {} if direct else _hist(url, "prescient_gateway_ttft_seconds")
-            engine_ttft = {le: sum(a[le] - b.get(le, 0) for a, b in zip(after, before,
-                                                                        strict=True))
-                           for le in after[0]}
-            print("TTFT at the engines (vLLM's histogram):", _quantiles_of(engine_ttft))
-            gw_ttft = {le: gw_after[le] - gw_before.get(le, 0) for le in gw_after}
-            print("TTFT at the gateway (its histogram):   ",
-                  _quantiles_of(gw_ttft) if gw_ttft else "no gateway")
-            steps = np.concatenate([steps_since(e, o) for e, o in zip(engines, offsets,
-                                                                      strict=True)])
-            return streams, steps
+            asyncio.run(replay(url, windows[0][:8]))  # warm-up: connections, first steps
+            out = []
+            for window in windows:
+                offsets = [path.stat().st_size for path in traces]
+                streams = asyncio.run(replay(url, window))
+                time.sleep(0.5)  # the API servers trace a step just after its tokens leave
+                out.append(LiveReplay(streams, [EngineTrace.read(path, offset) for path, offset
+                                                in zip(traces, offsets, strict=True)]))
+            return out
     finally:
         for e in engines:
             e.stop()
@@ -378,20 +327,20 @@ def sim_run(requests: list[Request], n_engines: int
     return {r.request_id: (r.ttft, r.tpot) for r in result.records}
 
 
-def step_report(steps: np.ndarray) -> None:
-    """The replay's own steps against the preset's table: how much slower a step of the same
-    size ran with both engines, the gateway and the client on the machine."""
-    preset = get_preset(PRESET)
-    model = preset.model
-    scheduled = steps[:, 2] + steps[:, 4]
-    print(f"replay steps: {len(steps)}; model time by scheduled tokens, replay vs preset (ms)")
-    for lo, hi in zip(TABLE_TOKENS, (*TABLE_TOKENS[1:], 10**9), strict=True):
-        mask = (scheduled >= lo) & (scheduled < hi)
-        if mask.sum() >= 3:
-            mid = float(np.median(scheduled[mask]))
-            table_ms = model.step_time(int(mid), 0.0, 0, 0) * 1e3
-            print(f"  {lo:>5}-{hi if hi < 10**9 else '':<5} n={int(mask.sum()):>6}  replay "
-                  f"{float(np.median(steps[mask, 5])):7.2f}  preset {table_ms:7.2f}")
+def step_report(traces: list[EngineTrace]) -> None:
+    """The replay's busy steps against the preset's step model, by scheduled tokens."""
+    model = get_preset(PRESET).model
+    busy = np.concatenate([t.busy_steps() for t in traces])
+    predicted = np.array([model.step_time(int(n), 0.0, 0, int(c)) * 1e3
+                          for n, c in busy[:, :2]])
+    print(f"replay: {len(busy)} busy steps; step period by scheduled tokens (ms)")
+    print("  tokens       steps  real mean  preset mean  real p50  model time p50")
+    for lo, hi in itertools.pairwise((*KNOTS, 10**9)):
+        mask = (busy[:, 0] >= lo) & (busy[:, 0] < hi)
+        if mask.any():
+            print(f"  {lo:>5}-{hi if hi < 10**9 else '':<5} {int(mask.sum()):>6} "
+                  f"{busy[mask, 2].mean():10.2f} {predicted[mask].mean():12.2f} "
+                  f"{np.median(busy[mask, 2]):9.2f} {np.median(busy[mask, 3]):15.2f}")
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -400,78 +349,47 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
             float(np.percentile(arr, 99)))
 
 
-def compare(live: dict[str, Stream], sim: dict[str, tuple[float | None, float | None]],
-            plot: str | None, n_engines: int) -> None:
-    metrics = {
-        "TTFT": ([s.ttft for s in live.values()],
-                 [t for t, _ in sim.values() if t is not None]),
-        "TPOT": ([s.tpot for s in live.values() if s.tpot is not None],
-                 [p for _, p in sim.values() if p is not None]),
-    }
-    # a stream whose tokens all came in one read: vLLM's API server held it back until it ended
-    withheld = sum(1 for s in live.values() if s.tokens > 2 and max(s.gaps) < 1e-4)
-    print(f"streams delivered whole at their end: {withheld} of {len(live)}")
-    print("metric  source        p50 ms   p90 ms   p99 ms")
-    for name, (real, simulated) in metrics.items():
-        rq, sq = quantiles(real), quantiles(simulated)
-        print(f"{name}    vLLM       {rq[0] * 1e3:8.2f} {rq[1] * 1e3:8.2f} {rq[2] * 1e3:8.2f}")
-        print(f"{name}    simulated  {sq[0] * 1e3:8.2f} {sq[1] * 1e3:8.2f} {sq[2] * 1e3:8.2f}")
-        med, tail = sq[0] / rq[0] - 1, sq[2] / rq[2] - 1
-        print(f"{name}    sim/real   {med:+8.1%} {sq[1] / rq[1] - 1:+8.1%} {tail:+8.1%}   "
-              f"median {'MET' if abs(med) <= 0.05 else 'NOT MET'} (5%), p99 "
-              f"{'MET' if abs(tail) <= 0.15 else 'NOT MET'} (15%)")
+Timings = dict[str, tuple[float | None, float | None]]  # (TTFT, TPOT) s by request id
+
+
+def compare(live: Timings, sims: dict[str, Timings], plot: str | None, n_engines: int
+            ) -> None:
+    """Real against simulated TTFT and TPOT at the client, for each simulation in `sims`."""
+    def values(timings: Timings, i: int) -> list[float]:
+        return [v[i] for v in timings.values() if v[i] is not None]
+
+    print("metric  source                    p50 ms   p90 ms   p99 ms")
+    for i, metric in enumerate(("TTFT", "TPOT")):
+        rq = quantiles(values(live, i))
+        print(f"{metric}    vLLM                   {rq[0] * 1e3:8.2f} {rq[1] * 1e3:8.2f} "
+              f"{rq[2] * 1e3:8.2f}")
+        for label, sim in sims.items():
+            sq = quantiles(values(sim, i))
+            med, tail = sq[0] / rq[0] - 1, sq[2] / rq[2] - 1
+            print(f"{metric}    {label:22s} {sq[0] * 1e3:8.2f} {sq[1] * 1e3:8.2f} "
+                  f"{sq[2] * 1e3:8.2f}   sim/real {med:+6.1%} {sq[1] / rq[1] - 1:+6.1%} "
+                  f"{tail:+6.1%}: median {'MET' if abs(med) <= 0.05 else 'NOT MET'} (5%), p99 "
+                  f"{'MET' if abs(tail) <= 0.15 else 'NOT MET'} (15%)")
     if plot:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, (name, (real, simulated)) in zip(axes, metrics.items(), strict=True):
-            for label, values in ((f"vLLM CPU ({n_engines} engine(s))", real),
-                                  (f"simulated ({n_engines} x {PRESET})", simulated)):
-                xs = np.sort(np.array(values) * 1e3)
+        for i, (ax, metric) in enumerate(zip(axes, ("TTFT", "TPOT"), strict=True)):
+            curves = {f"vLLM CPU ({n_engines} engine(s))": live} | {
+                f"simulated, {label}": sim for label, sim in sims.items()}
+            for label, timings in curves.items():
+                xs = np.sort(np.array(values(timings, i)) * 1e3)
                 ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
             ax.set_xscale("log")
-            ax.set_xlabel(f"{name} (ms)")
+            ax.set_xlabel(f"{metric} (ms)")
             ax.set_ylabel("fraction of requests")
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize="small")
         fig.tight_layout()
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot, dpi=120)
         print(f"wrote {plot}")
-
-
-def write_preset(venv: Path, work: Path) -> None:
-    """Calibrate one engine behind a gateway and store the fitted preset."""
-    engine = VllmEngine(venv, free_port(), 0, work,
-                        extra_env={"PRESCIENT_QUIET_ITERATION_LOGS": "0"})
-    engine.start()
-    port = free_port()
-    try:
-        engine.wait_ready()
-        with ahead_of_the_engines([engine]), gateway([engine], port, work, venv):
-            cal = asyncio.run(calibrate(engine, f"http://127.0.0.1:{port}"))
-    finally:
-        engine.stop()
-    Path(tempfile.gettempdir(), "vllm_fidelity_calibration.json").write_text(json.dumps(cal))
-    fitted = fit_preset(cal)
-    PRESET_FILE.write_text(json.dumps(fitted, indent=1) + "\n")
-    print(f"wrote {PRESET_FILE}: step periods {fitted['ms']} ms at "
-          f"{fitted['tokens']} tokens (loop overhead {fitted['step_overhead_ms']:.2f} "
-          f"ms), {fitted['c_kv'] * 1e3:.3f} us per decode per context token, serving "
-          f"path {fitted['frontend_ms']:.2f} ms per request, idle wake-up (s, ms) "
-          f"{fitted['idle_wakeup_ms']}")
-
-
-def measure_idle_wakeup(venv: Path, work: Path) -> None:
-    engine = VllmEngine(venv, free_port(), 0, work)
-    engine.start()
-    try:
-        engine.wait_ready()
-        with ahead_of_the_engines([engine]):
-            asyncio.run(idle_wakeup(engine.url))
-    finally:
-        engine.stop()
 
 
 # a sleeper: 5 ms sleeps on one core, in the normal or the real-time class; prints its gaps
@@ -516,33 +434,79 @@ def measure_starvation(venv: Path, work: Path, requests: list[Request]) -> None:
         engine.stop()
 
 
-def resimulate(dump: str, n_engines: int, plot: str | None) -> None:
-    """The requests of a `--dump` file simulated again (the preset as it is now), compared
-    with that run's real timings: the model changed, the engines did not."""
-    rows = json.loads(Path(dump).read_text())
+def to_json(requests: list[Request], run: LiveReplay) -> dict[str, object]:
+    """One replay as `--dump` stores it: each request's lengths and client timings, and the
+    engines' traces (what `--resimulate` needs to refit and simulate again)."""
+    rows = [{"id": r.request_id, "arrival": r.arrival_time, "prompt": r.prompt_len,
+             "output": r.output_len, "ttft": run.streams[r.request_id].ttft,
+             "tpot": run.streams[r.request_id].tpot, "sent": run.streams[r.request_id].sent}
+            for r in requests]
+    return {"requests": rows, "traces": [{"steps": t.steps, "finished": t.finished}
+                                          for t in run.traces]}
+
+
+def from_json(data: dict[str, Any]) -> tuple[list[Request], LiveReplay]:
+    rows = data["requests"]
     requests = [Request(request_id=r["id"], prompt_len=r["prompt"], output_len=r["output"],
                         arrival_time=r["arrival"]) for r in rows]
-    live = {r["id"]: Stream(r["ttft"], [r["tpot"]] if r["tpot"] is not None else [],
-                            r["output"]) for r in rows}
-    compare(live, sim_run(requests, n_engines), plot, n_engines)
+    streams = {r["id"]: Stream(r["ttft"], [r["tpot"]] if r["tpot"] is not None else [],
+                               r["sent"]) for r in rows}
+    return requests, LiveReplay(streams, [EngineTrace(**t) for t in data["traces"]])
+
+
+def write_preset(run: LiveReplay) -> None:
+    fitted = fit_preset(run)
+    PRESET_FILE.write_text(json.dumps(fitted, indent=1) + "\n")
+    print(f"wrote {PRESET_FILE}: step periods {fitted['ms']} ms at {fitted['tokens']} tokens "
+          f"(loop overhead over the model time {fitted['step_overhead_ms']:.2f} ms), "
+          f"{fitted['c_kv'] * 1e3:.3f} us per decode per context token, serving path "
+          f"{fitted['frontend_ms']:.2f} ms per request")
+
+
+def evaluate(replays: list[tuple[list[Request], LiveReplay]], args: argparse.Namespace
+             ) -> None:
+    """The last replay against the simulator. With `--write-preset`, twice: with the preset
+    fitted to the calibration replay before it (held out: the machine's speed drifts between
+    the two), then with one fitted to the compared replay's own steps (kept in the file)."""
+    requests, run = replays[-1]
+    print(f"{len(requests)} requests of azure-conv, rate x{args.rate_scale:g}, prompts <= "
+          f"{MAX_PROMPT}, outputs <= {MAX_OUTPUT}; lite load-balance over {args.engines} "
+          "engine(s)")
+    sims = {}
+    if args.write_preset:
+        before, now = (np.concatenate([t.busy_steps() for t in r.traces])
+                       for r in (replays[0][1], run))
+        ratio = now[now[:, 0] < 4, 2].mean() / before[before[:, 0] < 4, 2].mean()
+        print(f"drift: 1-3 token steps ran {ratio - 1:+.1%} longer on average in the compared "
+              "replay than in the calibration replay")
+        write_preset(replays[0][1])
+        sims["held-out fit"] = sim_run(requests, args.engines)
+        write_preset(run)
+        sims["same-replay fit"] = sim_run(requests, args.engines)
+    else:
+        sims["preset"] = sim_run(requests, args.engines)
+    live = {rid: (s.ttft, s.tpot) for rid, s in run.streams.items()}
+    compare(live, sims, args.plot or None, args.engines)
+    step_report(run.traces)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-preset", action="store_true",
-                        help=f"calibrate first and store the result as preset {PRESET}")
+                        help=f"first replay the next --requests requests of the trace, fit "
+                             f"preset {PRESET} to it and store it, then compare")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--rate-scale", type=float, default=2.0)
     parser.add_argument("--engines", type=int, choices=(1, 2), default=2,
                         help="real engines (one per core) and simulated instances")
     parser.add_argument("--plot", default="", help="write the CDF plot here (PNG)")
     parser.add_argument("--dump", default="",
-                        help="write each request's lengths and real/simulated timings here (JSON)")
+                        help="write the replays (requests, client timings, engine traces) here "
+                             "(JSON)")
     parser.add_argument("--resimulate", default="", metavar="DUMP",
-                        help="no engines: simulate the requests of a --dump file again (with "
-                             "the preset as it is now) and compare with its real timings")
-    parser.add_argument("--idle-wakeup", action="store_true",
-                        help="only measure one engine's TTFT after idle pauses of 0-1 s, direct")
+                        help="no engines: compare a --dump file's last replay with the "
+                             "simulator again (with --write-preset, refitting the preset to "
+                             "its calibration replay first)")
     parser.add_argument("--starvation", action="store_true",
                         help="only measure how long processes beside one busy engine wait for "
                              "the CPU (normal vs real-time class) during the replay")
@@ -554,34 +518,29 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.resimulate:
-        resimulate(args.resimulate, args.engines, args.plot or None)
+        dump = json.loads(Path(args.resimulate).read_text())
+        replays = [from_json(d) for d in dump["replays"]]
+        args.rate_scale, args.engines = dump["rate_scale"], dump["engines"]
+        if args.write_preset and len(replays) < 2:
+            sys.exit(f"--write-preset: {args.resimulate} holds no calibration replay")
+        evaluate(replays, args)
         return
     venv = vllm_venv()
+    requests = workload(args.requests, args.rate_scale)
+    windows = [requests]
+    if args.write_preset:  # calibrate on the trace's next requests, then compare on these
+        windows.insert(0, workload(args.requests, args.rate_scale, skip=args.requests))
     with tempfile.TemporaryDirectory(prefix="pvf-") as d:
         work = Path(d)
-        if args.idle_wakeup:
-            measure_idle_wakeup(venv, work)
-            return
         if args.starvation:
-            measure_starvation(venv, work, workload(args.requests, args.rate_scale))
+            measure_starvation(venv, work, requests)
             return
-        if args.write_preset:
-            write_preset(venv, work)
-        requests = workload(args.requests, args.rate_scale)
-        live, steps = live_run(venv, work, requests, args.engines, args.direct)
-    print(f"{len(requests)} requests of azure-conv, rate x{args.rate_scale:g}, prompts <= "
-          f"{MAX_PROMPT}, outputs <= {MAX_OUTPUT}; lite load-balance over {args.engines} "
-          "engine(s)")
-    sim = sim_run(requests, args.engines)
-    compare(live, sim, args.plot or None, args.engines)
+        runs = live_run(venv, work, windows, args.engines, args.direct)
     if args.dump:
-        rows = [{"id": r.request_id, "arrival": r.arrival_time, "prompt": r.prompt_len,
-                 "output": r.output_len, "ttft": live[r.request_id].ttft,
-                 "tpot": live[r.request_id].tpot, "head": live[r.request_id].head,
-                 "first_byte": live[r.request_id].first_byte, "sim_ttft": sim[r.request_id][0],
-                 "sim_tpot": sim[r.request_id][1]} for r in requests]
-        Path(args.dump).write_text(json.dumps(rows))
-    step_report(steps)
+        Path(args.dump).write_text(json.dumps({
+            "rate_scale": args.rate_scale, "engines": args.engines,
+            "replays": [to_json(w, r) for w, r in zip(windows, runs, strict=True)]}))
+    evaluate(list(zip(windows, runs, strict=True)), args)
 
 
 if __name__ == "__main__":
