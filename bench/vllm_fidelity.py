@@ -184,10 +184,10 @@ def _non_decreasing(values: np.ndarray, weights: np.ndarray) -> list[float]:
 
 def fit_steps(busy: np.ndarray) -> tuple[list[int], list[float], float]:
     """The step table (knots, periods in ms) and c_kv (ms per decode per context token) that
-    best explain the busy steps' periods, in least squares: the simulator's step model is
-    that table interpolated plus c_kv x the decodes' context. Knots without at least
-    `MIN_SUPPORT` steps' weight nearby are dropped; outliers (a step the OS preempted) are
-    trimmed once, beyond 5 median absolute deviations."""
+    best explain the busy steps' periods in least squares (the simulator's step model is
+    that table interpolated plus c_kv x the decodes' context). Least squares fits the mean
+    period, which a stream's mean token gap averages (trimming outliers made TPOT 4% short).
+    Knots without `MIN_SUPPORT` steps' weight nearby are dropped."""
     tokens, context, period = busy[:, 0], busy[:, 1], busy[:, 2]
     top = float(tokens.max())
     knots = np.array([k for k in KNOTS if k < top] + [top])
@@ -197,16 +197,10 @@ def fit_steps(busy: np.ndarray) -> tuple[list[int], list[float], float]:
             break
         knots = np.delete(knots, int(np.argmin(support)))
     basis = _hat_basis(tokens, knots)
-    keep = np.ones(len(period), dtype=bool)
-    for _ in range(2):
-        design = np.column_stack([basis, context])
-        coef = np.linalg.lstsq(design[keep], period[keep], rcond=None)[0]
-        if coef[-1] < 0:  # context cannot make a step faster
-            coef = np.append(np.linalg.lstsq(basis[keep], period[keep], rcond=None)[0], 0.0)
-        residual = period - np.column_stack([basis, context]) @ coef
-        mad = float(np.median(np.abs(residual - np.median(residual))))
-        keep = np.abs(residual) <= 50 * max(mad, 1e-3)
-    ms = _non_decreasing(coef[:-1], basis[keep].sum(axis=0))
+    coef = np.linalg.lstsq(np.column_stack([basis, context]), period, rcond=None)[0]
+    if coef[-1] < 0:  # context cannot make a step faster
+        coef = np.append(np.linalg.lstsq(basis, period, rcond=None)[0], 0.0)
+    ms = _non_decreasing(coef[:-1], basis.sum(axis=0))
     return [round(float(k)) for k in knots], ms, float(coef[-1])
 
 
