@@ -79,6 +79,12 @@ def test_an_iteration_becomes_a_profiling_sample() -> None:
     assert (s.profiling_id, s.step_duration, s.num_scheduled_prefill_tokens) == (41, 25.8, 490)
 
 
+def test_a_known_period_is_the_samples_duration_rather_than_the_model_time() -> None:
+    s = decoded(engine_status(stats(iteration_details=details(41, 490, 25.8)), capacity=0,
+                              step_id=1, period_ms=27.1))
+    assert (s.profiling_id, s.step_duration) == (41, 27.1)
+
+
 def test_dummy_and_unmeasured_iterations_are_not_samples() -> None:
     for d in (details(3, 10, 5.0, dummy=True), details(4, 10, 0.0)):
         assert decoded(engine_status(stats(iteration_details=d), capacity=0, step_id=1)

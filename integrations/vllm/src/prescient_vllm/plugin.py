@@ -36,7 +36,7 @@ import zmq
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from prescient_vllm.status import capacity_tokens, engine_status
-from prescient_vllm.trace import TRACE_ENV, StepTrace
+from prescient_vllm.trace import TRACE_ENV, StepClock, StepTrace
 
 logger = logging.getLogger("prescient_vllm")
 
@@ -79,9 +79,15 @@ class PrescientStatLogger(StatLoggerBase):
         self._requests = _find_request_table()
         self._encoder = msgspec.msgpack.Encoder()
         self._socket: zmq.Socket | None = None
+        # one engine per output processor: with data parallelism the engines' outputs pass
+        # through one processor, and their timestamps could not be told apart
+        parallel = getattr(vllm_config, "parallel_config", None)
+        single = getattr(parallel, "data_parallel_size", 1) == 1
+        self._clock = (StepClock(self._requests)
+                       if single and self._requests is not None else None)
         trace = os.environ.get(TRACE_ENV, "")
-        self._trace = (StepTrace(trace.replace("{engine_index}", str(engine_index)),
-                                 self._requests) if trace else None)
+        self._trace = (StepTrace(trace.replace("{engine_index}", str(engine_index)))
+                       if trace else None)
         endpoint = os.environ.get(ENDPOINT_ENV, "")
         if not endpoint:
             logger.warning("prescient: %s is not set; no status is pushed", ENDPOINT_ENV)
@@ -104,14 +110,16 @@ class PrescientStatLogger(StatLoggerBase):
         requests = None
         if self._requests is not None:
             requests = list(self._requests.request_states.values())
+        stamp, period = (None, None) if self._clock is None else self._clock.tick(
+            scheduler_stats)
         if self._trace is not None:
-            self._trace.record(scheduler_stats, iteration_stats, requests)
+            self._trace.record(scheduler_stats, iteration_stats, requests, stamp)
         if self._socket is None:
             return
         self.steps += 1
         capacity = capacity_tokens(self.cache_config.num_gpu_blocks, self.cache_config.block_size)
         status = engine_status(scheduler_stats, capacity=capacity, step_id=self.steps,
-                               requests=requests)
+                               requests=requests, period_ms=period)
         # no llumlet connected yet (zmq.Again): the next step's status supersedes this one
         with contextlib.suppress(zmq.Again):
             self._socket.send(self._encoder.encode(status), zmq.NOBLOCK)

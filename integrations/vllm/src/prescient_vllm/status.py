@@ -16,7 +16,10 @@ instance id, `update_id` and `timestamp_ms`. What each field comes from:
   `scheduler_running_to_decode_tokens_num` (prompt + generated);
 - the profiling sample (`profiling_id`, `step_duration` in ms, `num_scheduled_prefill_tokens`)
   from `SchedulerStats.iteration_details`, which vLLM fills only with
-  `--enable-logging-iteration-details`.
+  `--enable-logging-iteration-details`; the duration is the step's period where the plugin
+  knows it (`prescient_vllm.trace.StepClock`: from the previous step's outputs to this one's,
+  scheduling and output handling included, as a queued prefill waits it), else the model
+  time vLLM measured.
 
 What vLLM's stats cannot give, and the approximation used instead:
 
@@ -78,8 +81,10 @@ def request_fields(requests: Iterable[RequestView]) -> dict[str, Any]:
 
 
 def engine_status(scheduler_stats: Any, *, capacity: int, step_id: int,
-                  requests: Iterable[RequestView] | None = None) -> dict[str, Any]:
-    """The status one step's `SchedulerStats` describes (plus the request table, if known)."""
+                  requests: Iterable[RequestView] | None = None,
+                  period_ms: float | None = None) -> dict[str, Any]:
+    """The status one step's `SchedulerStats` describes (plus the request table, if known;
+    `period_ms`: the step's period, if known)."""
     s = scheduler_stats
     usage = min(max(float(s.kv_cache_usage), 0.0), 1.0)
     status: dict[str, Any] = {
@@ -97,6 +102,7 @@ def engine_status(scheduler_stats: Any, *, capacity: int, step_id: int,
     details = getattr(s, "iteration_details", None)
     if details is not None and not details.is_dummy and details.elapsed_ms > 0:
         status.update(profiling_id=int(details.iteration_index),
-                      step_duration=float(details.elapsed_ms),
+                      step_duration=float(details.elapsed_ms if period_ms is None
+                                          else period_ms),
                       num_scheduled_prefill_tokens=int(details.num_ctx_tokens))
     return status
