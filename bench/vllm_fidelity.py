@@ -207,22 +207,35 @@ def fit_steps(busy: np.ndarray) -> tuple[list[int], list[float], float]:
 def fit_preset(run: LiveReplay) -> dict[str, object]:
     """A `tiny-llama-cpu` preset from a replay: the step table and c_kv from every engine's
     busy steps, and the serving path (HTTP, gateway, API server: a request reaches its engine
-    this much later in the simulator) from the TTFT at the client minus at the engine core of
-    the requests sent while their engine idled (median)."""
+    this much later in the simulator) from each request's TTFT at the client minus at the
+    engine core.
+
+    vLLM queues a request that reaches a busy engine only when the running step ends, a wait
+    the simulator has of its own: the serving path proper is the median gap of the requests
+    sent while their engine idled, and what a busy engine adds to it (its frontend shares the
+    CPU with the steps) is the busy requests' median gap less that and less the mean wait for
+    the step in flight (E[p^2] / 2E[p] over the step periods p: a request more likely lands
+    in a long step)."""
     busy = np.concatenate([t.busy_steps() for t in run.traces])
     knots, ms, c_kv = fit_steps(busy)
-    # only requests sent to an idle engine: one that finds a step running waits for it
-    # before vLLM queues it, a wait the simulator has of its own
-    serving = [stream.ttft - ttft for rid, stream in run.streams.items()
-               for trace in run.traces if (ttft := trace.engine_ttft(rid)) is not None
-               and trace.idle_at(stream.sent)]
-    overhead = float(np.median(busy[:, 2] - busy[:, 3]))
+    gaps: dict[bool, list[float]] = {True: [], False: []}  # by "the engine idled when sent"
+    for rid, stream in run.streams.items():
+        for trace in run.traces:
+            if (ttft := trace.engine_ttft(rid)) is not None:
+                gaps[trace.idle_at(stream.sent)].append((stream.ttft - ttft) * 1e3)
+    serving = statistics.median(gaps[True])
+    periods = busy[:, 2]
+    in_flight = float((periods ** 2).mean() / (2 * periods.mean()))
+    busy_extra = statistics.median(gaps[False]) - serving - in_flight if gaps[False] else 0.0
+    overhead = float(np.median(periods - busy[:, 3]))
     return {"tokens": knots, "ms": [round(y, 4) for y in ms], "c_seq": 0.0,
             "c_kv": round(c_kv, 8), "step_overhead_ms": round(overhead, 4),
-            "frontend_ms": round(max(statistics.median(serving) * 1e3, 0.0), 4),
+            "frontend_ms": round(max(serving, 0.0), 4),
+            "frontend_busy_ms": round(max(busy_extra, 0.0), 4),
             "source": "bench/vllm_fidelity.py --write-preset: vLLM 0.32 CPU, one core per "
                       f"engine, behind a lite gateway, fitted to {len(busy)} busy steps and "
-                      f"{len(serving)} requests of a replay, {time.strftime('%Y-%m-%d')}"}
+                      f"{len(gaps[True])} + {len(gaps[False])} requests (sent to an idle + a "
+                      f"busy engine) of a replay, {time.strftime('%Y-%m-%d')}"}
 
 
 # ---- 2. the workload, live ------------------------------------------------------------------
@@ -454,7 +467,8 @@ def write_preset(run: LiveReplay) -> None:
     print(f"wrote {PRESET_FILE}: step periods {fitted['ms']} ms at {fitted['tokens']} tokens "
           f"(loop overhead over the model time {fitted['step_overhead_ms']:.2f} ms), "
           f"{fitted['c_kv'] * 1e3:.3f} us per decode per context token, serving path "
-          f"{fitted['frontend_ms']:.2f} ms per request")
+          f"{fitted['frontend_ms']:.2f} ms per request, {fitted['frontend_busy_ms']:.2f} ms "
+          "more when the engine is busy")
 
 
 def evaluate(replays: list[tuple[list[Request], LiveReplay]], args: argparse.Namespace

@@ -52,6 +52,9 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     # the serving frontend's time per request outside engine steps (HTTP, tokenization,
     # detokenization), ms: the simulator delays a request's arrival at the engine by it
     frontend_ms: float = 0.0
+    # ...and this much more for a request whose engine is busy when it arrives (a CPU engine's
+    # frontend shares the CPU with its steps), ms
+    frontend_busy_ms: float = 0.0
     # (idle seconds, ms) pairs: how late the first step after an idle spell starts
     # (`EngineConfig.idle_wakeup_ms`)
     idle_wakeup_ms: tuple[tuple[float, float], ...] = ()
@@ -116,6 +119,7 @@ class _Measured(msgspec.Struct, frozen=True):
     frontend_ms: float
     source: str
     c_kv: float = 0.0  # ms per decode per token of its context
+    frontend_busy_ms: float = 0.0
     idle_wakeup_ms: tuple[tuple[float, float], ...] = ()
 
 
@@ -127,7 +131,8 @@ def _tiny_llama_cpu() -> Preset:
         model=TableStepTime(tokens=measured.tokens, ms=measured.ms, c_attn=0.0,
                             c_kv=measured.c_kv, c_seq=measured.c_seq),
         num_gpu_blocks=16384, block_size=32, kv_bytes_per_token=_TINY_LLAMA_KV,
-        frontend_ms=measured.frontend_ms, idle_wakeup_ms=measured.idle_wakeup_ms,
+        frontend_ms=measured.frontend_ms, frontend_busy_ms=measured.frontend_busy_ms,
+        idle_wakeup_ms=measured.idle_wakeup_ms,
         source=measured.source)
 
 

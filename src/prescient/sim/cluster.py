@@ -225,8 +225,10 @@ class ClusterSim:
                 reservations=reservations_of(self.policy))
         self._kv_bytes = {s.instance_id: get_preset(s.preset).kv_bytes_per_token
                           for s in instances}
-        # the serving frontend's per-request time: a request reaches its engine this late
-        self._frontend_s = {s.instance_id: get_preset(s.preset).frontend_ms / 1000
+        # the serving frontend's per-request time: a request reaches its engine this late (and
+        # later still when the engine is busy)
+        self._frontend_s = {s.instance_id: (get_preset(s.preset).frontend_ms / 1000,
+                                            get_preset(s.preset).frontend_busy_ms / 1000)
                             for s in instances}
         self.migrator = Migrator(self, self.engines, self._kv_bytes, settings.migration)
         self._dead: set[str] = set()  # crashed instances
@@ -343,8 +345,10 @@ class ClusterSim:
             self._pd[req.request_id] = _PdLegs(req, iid, decode)
             if req.output_len > 1:  # the prefill leg: vLLM's max_tokens=1
                 req = msgspec.structs.replace(req, output_len=1)
-        if self._frontend_s[iid] > 0:
-            self.loop.at(now + self._frontend_s[iid], Order.ARRIVAL, self._hand_over, iid, req)
+        idle_s, busy_s = self._frontend_s[iid]
+        frontend_s = idle_s + busy_s if self.engines[iid].has_work else idle_s
+        if frontend_s > 0:
+            self.loop.at(now + frontend_s, Order.ARRIVAL, self._hand_over, iid, req)
         else:
             self._hand_over(iid, req)
 
