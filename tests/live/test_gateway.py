@@ -263,6 +263,14 @@ def test_no_instance_available_waits_then_succeeds_or_gives_503() -> None:
     asyncio.run(main())
 
 
+async def _until_disconnected(engine: FakeEngine) -> None:
+    """Wait (10 s at most) until the engine sees the gateway close its connection."""
+    for _ in range(1000):
+        if engine.disconnects:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_client_leaving_mid_stream_closes_the_engine_connection() -> None:
     async def main() -> None:
         a = FakeEngine("a", events=3)
@@ -271,10 +279,7 @@ def test_client_leaving_mid_stream_closes_the_engine_connection() -> None:
             stream = await s.client.completions.create(model=MODEL, prompt="x", stream=True)
             await asyncio.wait_for(anext(aiter(stream)), 10)
             await stream.close()
-            for _ in range(1000):
-                if a.disconnects:
-                    break
-                await asyncio.sleep(0.01)
+            await _until_disconnected(a)
             metrics = (await _raw(s.url + "/metrics", "GET")).text
         assert a.disconnects == 1
         assert 'kind="completion",status="499"' in metrics
@@ -292,10 +297,7 @@ def test_a_client_leaving_after_done_got_a_whole_answer() -> None:
             stream = await s.client.completions.create(model=MODEL, prompt="x", stream=True)
             assert len([chunk async for chunk in stream]) == 3
             await stream.close()
-            for _ in range(1000):
-                if a.disconnects:
-                    break
-                await asyncio.sleep(0.01)
+            await _until_disconnected(a)
             metrics = (await _raw(s.url + "/metrics", "GET")).text
         assert a.disconnects == 1
         assert 'kind="completion",status="200"' in metrics
