@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[3]
 MODEL = "tiny-llama"
@@ -205,6 +206,18 @@ class VllmEngine:
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def last_step(self) -> dict[str, Any] | None:
+        """The newest step in the plugin's trace (None before the first): read from a file,
+        it answers even while a busy API server keeps `/metrics` waiting for seconds."""
+        with open(self.step_trace, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = f.read().splitlines()
+        for line in reversed(lines):
+            if b'"model_ms"' in line:
+                with contextlib.suppress(ValueError):  # the window's cut first line
+                    return json.loads(line)
+        return None
 
     def log_size(self) -> int:
         return self.log.stat().st_size

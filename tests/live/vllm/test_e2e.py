@@ -284,27 +284,23 @@ def test_killing_a_vllm_engine_mid_stream_loses_no_request(prescient: Prescient)
     streaming = threading.Barrier(6, timeout=60)
     length = 1200  # tokens: long enough that streams still run when the last shows text
     killed: list[VllmEngine] = []
-    seen: list[object] = []  # (running and new tokens by engine, the victim): for a failure
+    seen: list[object] = []  # (running requests by engine, the victim): for a failure
+
+    def running(engine: VllmEngine) -> int:
+        # from the plugin's step trace: a busy engine's /metrics can keep a client waiting
+        # for seconds on this 2-core machine
+        step = engine.last_step()
+        return 0 if step is None else step["running"] + step["waiting"]
+
     # work an earlier test left on an engine would make that engine look the busiest
-    wait_until(lambda: all(metric(e, "vllm:num_requests_running")
-                           + metric(e, "vllm:num_requests_waiting") == 0
-                           for e in prescient.engines), 60, "both vLLM engines idle",
-               prescient.stack)
+    wait_until(lambda: not any(running(e) for e in prescient.engines), 60,
+               "both vLLM engines idle", prescient.stack)
 
     def kill_the_busiest() -> None:
-        # vLLM's running gauge can read 0 between its stat updates: also ask which engine is
-        # generating now
-        generated = {e.name: metric(e, "vllm:generation_tokens_total") for e in prescient.engines}
-        for _ in range(40):
-            time.sleep(0.05)
-            busy = {e.name: (metric(e, "vllm:num_requests_running"),
-                             metric(e, "vllm:generation_tokens_total") - generated[e.name])
-                    for e in prescient.engines}
-            if max(busy.values()) > (0, 0):
-                break
+        busy = {e.name: running(e) for e in prescient.engines}
         victim = max(prescient.engines, key=lambda e: busy[e.name])
         seen.append((busy, victim.name))
-        assert busy[victim.name] > (0, 0), busy
+        assert busy[victim.name] > 0, busy
         victim.kill()
         killed.append(victim)
 
