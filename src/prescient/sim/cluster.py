@@ -223,13 +223,12 @@ class ClusterSim:
             self.rescheduler = make_rescheduler(
                 flags, random.Random(rng.getrandbits(64)), slo_model=slo_model,
                 reservations=reservations_of(self.policy))
-        self._kv_bytes = {s.instance_id: get_preset(s.preset).kv_bytes_per_token
-                          for s in instances}
+        presets = {s.instance_id: get_preset(s.preset) for s in instances}
+        self._kv_bytes = {iid: p.kv_bytes_per_token for iid, p in presets.items()}
         # the serving frontend's per-request time: a request reaches its engine this late (and
         # later still when the engine is busy)
-        self._frontend_s = {s.instance_id: (get_preset(s.preset).frontend_ms / 1000,
-                                            get_preset(s.preset).frontend_busy_ms / 1000)
-                            for s in instances}
+        self._frontend_s = {iid: (p.frontend_ms / 1000, p.frontend_busy_ms / 1000)
+                            for iid, p in presets.items()}
         self.migrator = Migrator(self, self.engines, self._kv_bytes, settings.migration)
         self._dead: set[str] = set()  # crashed instances
         self._draining: set[str] = set()  # instances reporting themselves unschedulable
