@@ -30,6 +30,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # A service has built what it keeps for its whole life (imports, settings, tables, pools) by
 # then; see `freeze_heap_later`.
 FREEZE_AFTER_S = 5.0
+GC_GEN0_THRESHOLD = 10_000  # see freeze_heap_later
 
 
 def add_service_parser(
@@ -73,10 +74,17 @@ def freeze_heap_later(loop: asyncio.AbstractEventLoop, after_s: float | None = N
     the gateway's p99 under load. Frozen objects are still freed by reference counting; only
     a reference cycle among them would be kept. For service processes only (`gc.collect` here
     would run other code's finalizers inside a test process).
+
+    The youngest generation is then collected only after `GC_GEN0_THRESHOLD` net allocations
+    instead of 700: at ~10k requests/s the default ran a collection every few requests' worth
+    of objects, 1.7 us of CPU per request (2% of a gateway's); a collection of the larger young
+    generation takes about a millisecond, a few times a second at most.
     """
     def freeze() -> None:
         gc.collect()
         gc.freeze()
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
     loop.call_later(FREEZE_AFTER_S if after_s is None else after_s, freeze)
 

@@ -154,11 +154,34 @@ class PlacementObserver(Protocol):
                   ) -> None: ...
 
 
+# Up to this many rows a `LinearMetric` is read in plain Python: below it numpy's fixed cost
+# per call is more than the arithmetic (bench/schedule_release.py --instances N).
+PLAIN_ROWS = 16
+
+
 class _StaticMask(NamedTuple):
     keep: np.ndarray
     needs_failover: np.ndarray
     valid_until: float
     rows: np.ndarray  # np.flatnonzero(keep)
+    few_rows: list[int] | None  # `rows` as a list, when there are at most PLAIN_ROWS
+
+
+def _least(ctx: SchedulingContext, metric: Metric, hit: _StaticMask) -> tuple[int, float]:
+    """The first of the static rows with the least `metric`, and its value (NaN is least)."""
+    few = hit.few_rows
+    values_at = getattr(metric, "values_at", None)
+    if few is not None and values_at is not None:
+        values = values_at(ctx, few)
+        if values is not None:
+            least = min(values)
+            return few[values.index(least)], least
+    rows = hit.rows
+    column = ctx.metric(metric)
+    if len(rows) != len(column):
+        column = column[rows]
+    i = int(column.argmin())
+    return int(rows[i]), column[i]
 
 
 class Pipeline:
@@ -217,15 +240,12 @@ class Pipeline:
         """The chosen row among `candidates` (a mask), or None when nothing is available."""
         if self._argmin is not None:
             metric, bound = self._argmin
-            rows = self._static_entry(ctx, candidates, False).rows
-            if not len(rows):
+            hit = self._static_entry(ctx, candidates, False)
+            if not len(hit.rows):
                 return None  # the fallback pass has the same static rows
-            values = ctx.metric(metric)
-            if len(rows) != len(values):
-                values = values[rows]
-            i = int(values.argmin())
-            if values[i] < bound:
-                return int(rows[i])
+            row, value = _least(ctx, metric, hit)
+            if value < bound:
+                return row
         keep = self.filter(ctx, candidates, fallback=False)
         if not keep.any() and candidates.any() and self.has_soft_filters:
             keep = self.filter(ctx, candidates, fallback=True)
@@ -282,6 +302,8 @@ class Pipeline:
                     keep = g.apply(ctx, keep)
             until = min((f.valid_until(ctx) for f in self._static  # type: ignore[attr-defined]
                          if hasattr(f, "valid_until")), default=math.inf)
-            hit = self._masks[key] = _StaticMask(keep, ctx.needs_failover.copy(), until,
-                                                 np.flatnonzero(keep))
+            rows = np.flatnonzero(keep)
+            hit = self._masks[key] = _StaticMask(
+                keep, ctx.needs_failover.copy(), until, rows,
+                rows.tolist() if len(rows) <= PLAIN_ROWS else None)
         return hit

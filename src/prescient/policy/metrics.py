@@ -34,7 +34,7 @@ import numpy as np
 
 from prescient.errors import ConfigError
 from prescient.policy.framework import SchedulingContext
-from prescient.policy.state import ClusterState
+from prescient.policy.state import A, ClusterState
 
 LITE_METRICS = ("num_requests", "num_tokens", "predicted_decode_tokens")
 
@@ -57,6 +57,65 @@ class ColumnMetric:
         return f"ColumnMetric({self.name!r})"
 
 
+class LinearMetric(ColumnMetric):
+    """A sum of status columns and dispatch-count columns (local account, or lite counts),
+    less an optional per-request column of the context (`minus`, when a feature set it).
+
+    Besides the numpy column it gives the values of a few rows in plain Python (`values_at`):
+    at a handful of instances numpy's per-call cost is most of a decision. Every term is an
+    integer count, so both ways sum exactly and agree.
+    """
+
+    __slots__ = ("_account", "_lite", "_minus", "_status")
+
+    def __init__(self, name: str, *, status: tuple[str, ...] = (),
+                 account: tuple[str, ...] = (), lite: tuple[int, ...] = (),
+                 minus: str | None = None) -> None:
+        if not (status or account or lite):
+            raise ValueError(f"metric {name!r} sums no column")
+        super().__init__(name, self._column)
+        self._status = status
+        self._account = tuple(A[f] for f in account)
+        self._lite = lite
+        self._minus = minus
+
+    def _column(self, ctx: SchedulingContext) -> np.ndarray:
+        st = ctx.state
+        total: np.ndarray | float = st.status_sum(*self._status) if self._status else 0
+        if self._account:
+            account = st.account
+            for i in self._account:
+                total = total + account[:, i]
+        if self._lite:
+            lite = st.lite
+            for i in self._lite:
+                total = total + lite[:, i]
+        less = getattr(ctx, self._minus) if self._minus else None
+        return total if less is None else total - less  # type: ignore[return-value]
+
+    def values_at(self, ctx: SchedulingContext, rows: list[int]) -> list[float] | None:
+        """The metric at `rows`, in plain Python; None when the context's `minus` column is
+        set (then only `compute` knows it)."""
+        if self._minus and getattr(ctx, self._minus) is not None:
+            return None
+        st = ctx.state
+        base = st.status_sum_list(self._status) if self._status else None
+        out = []
+        account, lite = st.account_rows, st.lite_rows
+        for row in rows:
+            value = base[row] if base is not None else 0.0
+            if self._account:
+                counts = account[row]
+                for i in self._account:
+                    value += counts[i]
+            if self._lite:
+                counts = lite[row]
+                for i in self._lite:
+                    value += counts[i]
+            out.append(value)
+        return out
+
+
 def _kv_usage_projected(ctx: SchedulingContext) -> np.ndarray:
     st = ctx.state
     projected = (st.s("num_used_gpu_tokens") + st.s("num_uncomputed_tokens_all_waiting_prefills")
@@ -68,31 +127,24 @@ def _kv_usage_projected(ctx: SchedulingContext) -> np.ndarray:
         return np.where(total > 0, projected / np.where(total > 0, total, 1.0), np.inf)
 
 
-def _decode_batch_size(ctx: SchedulingContext) -> np.ndarray:
-    st = ctx.state
-    return (st.s("hybrid_scheduler_waiting_to_decode_requests_num")
-            + st.s("num_loading_requests") + st.s("scheduler_waiting_to_decode_requests_num")
-            + st.s("scheduler_running_to_decode_requests_num")
-            + st.a("num_inflight_dispatch_decode_requests"))
-
-
-def _num_waiting_requests(ctx: SchedulingContext) -> np.ndarray:
-    st = ctx.state
-    return st.s("num_waiting_requests") + st.a("num_inflight_dispatch_requests")
+_PREFILL_STATUS = ("num_uncomputed_tokens_all_waiting_prefills",
+                   "num_uncomputed_tokens_scheduler_running_prefills")
 
 
 def queued_prefill_tokens(st: ClusterState) -> np.ndarray:
     """`all_prefills_tokens_num` before any prediction: the status's and the account's part."""
-    return (st.status_sum("num_uncomputed_tokens_all_waiting_prefills",
-                          "num_uncomputed_tokens_scheduler_running_prefills")
+    return (st.status_sum(*_PREFILL_STATUS)
             + st.a("num_uncomputed_tokens_inflight_dispatch_prefill_requests"))
 
 
-def _all_prefills_tokens(ctx: SchedulingContext) -> np.ndarray:
-    tokens = queued_prefill_tokens(ctx.state)
-    if ctx.predicted_computed_tokens is not None:
-        tokens = tokens - ctx.predicted_computed_tokens
-    return tokens
+def _all_prefills_tokens(name: str = "all_prefills_tokens_num") -> LinearMetric:
+    return LinearMetric(
+        name, status=_PREFILL_STATUS,
+        account=("num_uncomputed_tokens_inflight_dispatch_prefill_requests",),
+        minus="predicted_computed_tokens")
+
+
+_ALL_PREFILLS = _all_prefills_tokens()
 
 
 def _prefix_hit(ctx: SchedulingContext) -> np.ndarray:
@@ -103,23 +155,7 @@ def _prefix_hit(ctx: SchedulingContext) -> np.ndarray:
 
 def _cache_aware_prefills(ctx: SchedulingContext) -> np.ndarray:
     miss = ctx.request.prompt_len - _prefix_hit(ctx)
-    return ctx.prefix_miss_weight * miss + _all_prefills_tokens(ctx)
-
-
-def _num_requests_full(ctx: SchedulingContext) -> np.ndarray:
-    st = ctx.state
-    return (st.s("num_waiting_requests") + st.s("num_loading_requests")
-            + st.s("num_running_requests") + st.a("num_inflight_dispatch_prefill_requests")
-            + st.a("num_inflight_dispatch_decode_requests"))
-
-
-def _all_decodes_tokens(ctx: SchedulingContext) -> np.ndarray:
-    st = ctx.state
-    return (st.s("hybrid_scheduler_waiting_to_decode_tokens_num")
-            + st.s("scheduler_waiting_to_decode_tokens_num")
-            + st.s("scheduler_running_to_decode_tokens_num")
-            + st.s("num_tokens_loading_requests")
-            + st.a("num_tokens_inflight_dispatch_decode_requests"))
+    return ctx.prefix_miss_weight * miss + _ALL_PREFILLS.compute(ctx)
 
 
 def _predicted(field: str) -> Callable[[SchedulingContext], np.ndarray]:
@@ -130,23 +166,42 @@ def _predicted(field: str) -> Callable[[SchedulingContext], np.ndarray]:
     return compute
 
 
-_FULL: dict[str, tuple[Callable[[SchedulingContext], np.ndarray], bool]] = {
-    "kv_cache_usage_ratio_projected": (_kv_usage_projected, True),
-    "decode_batch_size": (_decode_batch_size, True),
-    "num_waiting_requests": (_num_waiting_requests, True),
-    "all_prefills_tokens_num": (_all_prefills_tokens, True),
-    "kv_cache_hit_len": (_prefix_hit, False),
-    "cache_aware_all_prefills_tokens_num": (_cache_aware_prefills, True),
-    "num_requests": (_num_requests_full, True),
-    "all_decodes_tokens_num": (_all_decodes_tokens, True),
-    "predicted_ttft": (_predicted("predicted_ttft_ms"), True),
-    "predicted_tpot": (_predicted("predicted_tpot_ms"), True),
-    "predicted_decode_tokens": (lambda ctx: ctx.state.predicted_output, True),
+def _column(fn: Callable[[SchedulingContext], np.ndarray], lower_is_better: bool = True
+            ) -> Callable[[str], ColumnMetric]:
+    return lambda name: ColumnMetric(name, fn, lower_is_better)
+
+
+# name -> a maker of the metric, given its name
+_FULL: dict[str, Callable[[str], ColumnMetric]] = {
+    "kv_cache_usage_ratio_projected": _column(_kv_usage_projected),
+    "decode_batch_size": lambda name: LinearMetric(
+        name, status=("hybrid_scheduler_waiting_to_decode_requests_num", "num_loading_requests",
+                      "scheduler_waiting_to_decode_requests_num",
+                      "scheduler_running_to_decode_requests_num"),
+        account=("num_inflight_dispatch_decode_requests",)),
+    "num_waiting_requests": lambda name: LinearMetric(
+        name, status=("num_waiting_requests",), account=("num_inflight_dispatch_requests",)),
+    "all_prefills_tokens_num": _all_prefills_tokens,
+    "kv_cache_hit_len": _column(_prefix_hit, lower_is_better=False),
+    "cache_aware_all_prefills_tokens_num": _column(_cache_aware_prefills),
+    # NEUTRAL legs count on both sides of the account: upstream's formula (reference §3.2)
+    "num_requests": lambda name: LinearMetric(
+        name, status=("num_waiting_requests", "num_loading_requests", "num_running_requests"),
+        account=("num_inflight_dispatch_prefill_requests",
+                 "num_inflight_dispatch_decode_requests")),
+    "all_decodes_tokens_num": lambda name: LinearMetric(
+        name, status=("hybrid_scheduler_waiting_to_decode_tokens_num",
+                      "scheduler_waiting_to_decode_tokens_num",
+                      "scheduler_running_to_decode_tokens_num", "num_tokens_loading_requests"),
+        account=("num_tokens_inflight_dispatch_decode_requests",)),
+    "predicted_ttft": _column(_predicted("predicted_ttft_ms")),
+    "predicted_tpot": _column(_predicted("predicted_tpot_ms")),
+    "predicted_decode_tokens": _column(lambda ctx: ctx.state.predicted_output),
 }
-_LITE: dict[str, tuple[Callable[[SchedulingContext], np.ndarray], bool]] = {
-    "num_requests": (lambda ctx: ctx.state.lite[:, 0], True),
-    "num_tokens": (lambda ctx: ctx.state.lite[:, 1], True),
-    "predicted_decode_tokens": (lambda ctx: ctx.state.predicted_output, True),
+_LITE: dict[str, Callable[[str], ColumnMetric]] = {
+    "num_requests": lambda name: LinearMetric(name, lite=(0,)),
+    "num_tokens": lambda name: LinearMetric(name, lite=(1,)),
+    "predicted_decode_tokens": _column(lambda ctx: ctx.state.predicted_output),
 }
 METRIC_NAMES = tuple(sorted({*_FULL, *_LITE}))
 
@@ -158,5 +213,4 @@ def make_metric(name: str, *, full_mode: bool = True) -> ColumnMetric:
         mode = "full" if full_mode else "lite"
         raise ConfigError(f"metric {name!r} is not available in {mode} mode; "
                           f"available: {', '.join(sorted(table))}")
-    fn, lower = table[name]
-    return ColumnMetric(name, fn, lower)
+    return table[name](name)

@@ -3,8 +3,12 @@
 Scheduling must stay fast at thousands of instances, so metrics are numpy expressions over
 columns rather than Python loops over instances. Rows are in instance-id order (which is also
 the documented tie-break); statuses are written into `status` when the CMS view changes, the
-local-account and lite-mode columns are written one row at a time as requests are dispatched
-and released.
+local-account and lite-mode counts one row at a time as requests are dispatched and released.
+
+The counts change on every dispatch and release, twice per request, while at a few instances
+most decisions read them in plain Python (`LinearMetric`): each row is kept as a tuple and
+copied into its numpy column only when a column is read (`account`, `lite`), so a request that
+no numpy metric looks at costs no numpy write.
 
 Column names of `status` are `InstanceStatus` field names; `S` maps a name to its column.
 """
@@ -48,6 +52,7 @@ ACCOUNT_FIELDS = (
 )
 A = {name: i for i, name in enumerate(ACCOUNT_FIELDS)}
 INFER_CODES = {InferType.PREFILL: 0, InferType.DECODE: 1, InferType.NEUTRAL: 2}
+_ZERO_ACCOUNT = (0,) * len(ACCOUNT_FIELDS)
 
 
 _VERSIONS = itertools.count()
@@ -81,18 +86,28 @@ class ClusterState:
         self.has_status = np.zeros(n, bool)
         self.schedulable = np.zeros(n, bool)
         self.status = np.zeros((n, len(STATUS_FIELDS)))
-        self.account = np.zeros((n, len(ACCOUNT_FIELDS)))
-        self.lite = np.zeros((n, 2))  # requests, tokens
+        old_rows = getattr(self, "account_rows", None), getattr(self, "lite_rows", None)
+        if old_cols is not None:  # bring the count columns up to date before copying them
+            _ = self.account, self.lite
+        # the dispatch counts: a tuple per row, copied into the numpy column when it is read
+        self.account_rows: list[tuple[int, ...]] = [_ZERO_ACCOUNT] * n
+        self.lite_rows: list[tuple[int, int]] = [(0, 0)] * n  # requests, tokens
+        self._account = np.zeros((n, len(ACCOUNT_FIELDS)))
+        self._lite = np.zeros((n, 2))
+        self._account_stale: set[int] = set()
+        self._lite_stale: set[int] = set()
         self.predicted_output = np.zeros(n)  # predicted output tokens of in-flight requests
-        self._sums: dict[tuple[str, ...], np.ndarray] = {}
+        self._sums: dict[tuple[str, ...], tuple[np.ndarray, list[float]]] = {}
         self._sums_version = -1
-        self._columns = (self.has_status, self.schedulable, self.status, self.account, self.lite,
-                         self.predicted_output)
+        self._columns = (self.has_status, self.schedulable, self.status, self._account,
+                         self._lite, self.predicted_output)
         if old_cols is not None:
             for iid, row in self.index.items():
                 if iid in old:
                     for new_col, old_col in zip(self._columns, old_cols, strict=True):
                         new_col[row] = old_col[old[iid]]
+                    self.account_rows[row] = old_rows[0][old[iid]]  # type: ignore[index]
+                    self.lite_rows[row] = old_rows[1][old[iid]]  # type: ignore[index]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,12 +129,28 @@ class ClusterState:
         self.schedulable[row] = status.schedulable
         self.status[row] = [getattr(status, f) for f in STATUS_FIELDS]
 
-    def set_account(self, row: int, totals: Sequence[float]) -> None:
-        self.account[row] = totals
+    def set_account(self, row: int, totals: tuple[int, ...]) -> None:
+        """The row's local-account counts, in `ACCOUNT_FIELDS` order."""
+        self.account_rows[row] = totals
+        self._account_stale.add(row)
 
     def set_lite(self, row: int, num_requests: int, num_tokens: int) -> None:
-        self.lite[row, 0] = num_requests
-        self.lite[row, 1] = num_tokens
+        self.lite_rows[row] = (num_requests, num_tokens)
+        self._lite_stale.add(row)
+
+    @property
+    def account(self) -> np.ndarray:
+        """The local-account columns (rows x `ACCOUNT_FIELDS`); write with `set_account`."""
+        if self._account_stale:
+            _copy_rows(self._account, self.account_rows, self._account_stale)
+        return self._account
+
+    @property
+    def lite(self) -> np.ndarray:
+        """The lite-mode columns (rows x (requests, tokens)); write with `set_lite`."""
+        if self._lite_stale:
+            _copy_rows(self._lite, self.lite_rows, self._lite_stale)
+        return self._lite
 
     def s(self, field: str) -> np.ndarray:
         """A status column by `InstanceStatus` field name."""
@@ -128,19 +159,32 @@ class ClusterState:
     def status_sum(self, *fields: str) -> np.ndarray:
         """The sum of these status columns, read-only, kept until `version` changes: metrics
         add the dispatch accounts to it on every decision, the statuses change only on polls."""
+        return self._status_sums(fields)[0]
+
+    def status_sum_list(self, fields: tuple[str, ...]) -> list[float]:
+        """`status_sum(*fields)` as a list (for reads in plain Python); do not modify it."""
+        return self._status_sums(fields)[1]
+
+    def _status_sums(self, fields: tuple[str, ...]) -> tuple[np.ndarray, list[float]]:
         if self._sums_version != self.version:
             self._sums.clear()
             self._sums_version = self.version
-        total = self._sums.get(fields)
-        if total is None:
+        sums = self._sums.get(fields)
+        if sums is None:
             total = self.status[:, [S[f] for f in fields]].sum(axis=1)
             total.flags.writeable = False
-            self._sums[fields] = total
-        return total
+            sums = self._sums[fields] = (total, total.tolist())
+        return sums
 
     def a(self, field: str) -> np.ndarray:
         """A local-account column by upstream aggregate name."""
         return self.account[:, A[field]]
+
+
+def _copy_rows(column: np.ndarray, rows: list[tuple[int, ...]], stale: set[int]) -> None:
+    for row in stale:
+        column[row] = rows[row]
+    stale.clear()
 
 
 def _codes(values: Sequence[str]) -> np.ndarray:

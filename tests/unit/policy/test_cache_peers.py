@@ -29,7 +29,8 @@ def ctx_with(hits: list[float], in_flight: list[int] | None = None, prompt: int 
                         status(f"i{k}", **{f: v[k] for f, v in columns.items()}))
                        for k in range(n)])
     if in_flight is not None:
-        state.lite[:, 0] = in_flight
+        for row, count in enumerate(in_flight):
+            state.set_lite(row, count, 0)
     ctx = ctx_for(state, Request(request_id="r", prompt_len=prompt), seed=seed)
     ctx.prefix_hit_tokens = np.array(hits, float)
     return ctx

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from prescient.errors import ConfigError
-from prescient.policy.metrics import METRIC_NAMES, make_metric
+from prescient.policy.metrics import METRIC_NAMES, LinearMetric, make_metric
 
 from .conftest import ctx_for, meta, request, state_of, status
 
@@ -80,3 +80,38 @@ def test_lite_metrics_read_router_local_counts_and_full_only_names_are_refused()
     with pytest.raises(ConfigError, match="full mode"):
         make_metric("num_tokens", full_mode=True)
     assert "predicted_tpot" in METRIC_NAMES
+
+
+@pytest.mark.parametrize("full_mode", [True, False])
+def test_linear_metrics_read_in_plain_python_equal_their_numpy_columns(full_mode: bool) -> None:
+    """`LinearMetric.values_at` (decisions at a few instances) and `compute` agree on every
+    row, after count writes the numpy columns have not taken yet."""
+    state = two_instances()
+    state.set_account(1, (2, 1, 2, 4096, 333))
+    state.set_lite(0, 3, 700)
+    state.set_lite(1, 1, 90)
+    linear = [name for name in METRIC_NAMES
+              if isinstance(_maybe(name, full_mode), LinearMetric)]
+    assert set(linear) >= ({"all_prefills_tokens_num", "num_requests", "decode_batch_size"}
+                           if full_mode else {"num_requests", "num_tokens"})
+    for name in linear:
+        metric = make_metric(name, full_mode=full_mode)
+        ctx = ctx_for(state)
+        assert metric.values_at(ctx, [0, 1]) == metric.compute(ctx).tolist(), name
+        assert metric.values_at(ctx, [1]) == [metric.compute(ctx)[1]], name
+
+
+def test_a_linear_metric_with_the_per_request_column_set_is_numpy_only() -> None:
+    ctx = ctx_for(two_instances())
+    metric = make_metric("all_prefills_tokens_num")
+    assert metric.values_at(ctx, [0, 1]) == [600, 0]
+    ctx.predicted_computed_tokens = np.array([100.0, 0.0])
+    assert metric.values_at(ctx, [0, 1]) is None
+    assert metric.compute(ctx).tolist() == [500, 0]
+
+
+def _maybe(name: str, full_mode: bool) -> object:
+    try:
+        return make_metric(name, full_mode=full_mode)
+    except ConfigError:
+        return None

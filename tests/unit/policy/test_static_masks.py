@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from prescient.model import InferType
 from prescient.policy.filters import Failover, Fresh, MetricThreshold, OfInferType, Schedulable
-from prescient.policy.framework import Pipeline, SchedulingContext
+from prescient.policy.framework import PLAIN_ROWS, Pipeline, SchedulingContext
 from prescient.policy.metrics import make_metric
 from prescient.policy.selectors import MetricSelector
 
@@ -88,12 +89,40 @@ def test_the_argmin_shortcut_picks_what_the_filter_passes_pick() -> None:
             pairs.append((meta(f"i{i}", rng.choice([InferType.NEUTRAL, InferType.PREFILL]),
                                node=str(rng.randint(0, 3))), st))
         state = state_of(*pairs)
+        for row in range(len(state)):  # in-flight prompts, some just over the bound
+            if rng.random() < 0.5:
+                state.set_account(row, (1, 1, 1, rng.choice([100, 300, 450]), 100))
         for now in (10.0, 100.0):
             candidates = rng.choice([np.ones(len(state), bool),
                                      np.array([rng.random() < 0.7 for _ in range(len(state))])])
             got = [p.pick(SchedulingContext(request(), state, now, rng), candidates)
                    for p in (shortcut, full)]
             assert got[0] == got[1], (trial, now)
+
+
+@pytest.mark.parametrize("instances", [3, PLAIN_ROWS + 5])
+def test_the_shortcut_reads_few_rows_in_plain_python_and_many_in_numpy(instances: int) -> None:
+    """Up to PLAIN_ROWS static rows the metric is read in plain Python, past it as a numpy
+    column: the same first least row either way, and the same as the filter passes'."""
+    rng = random.Random(5)
+    shortcut, _ = pipelines()
+    full, _ = pipelines()
+    full._argmin = None
+    state = state_of(*[(meta(f"i{i:02d}"), status(f"i{i:02d}", ts_ms=1_000))
+                       for i in range(instances)])
+    for trial in range(100):
+        for row in range(instances):
+            state.set_account(row, (1, 0, 1, rng.choice([0, 100, 100, 200, 600]), 0))
+        candidates = np.ones(instances, bool)
+        ctx = SchedulingContext(request(), state, 10.0, rng)
+        got = shortcut.pick(ctx, candidates)
+        kept = shortcut._static_entry(ctx, candidates, False)
+        assert (kept.few_rows is not None) == (instances <= PLAIN_ROWS)
+        loads = state.account[:, 3]
+        expected = int(np.argmin(loads)) if loads.min() < 500 else full.pick(
+            SchedulingContext(request(), state, 10.0, rng), candidates)
+        assert got == expected == full.pick(SchedulingContext(request(), state, 10.0, rng),
+                                            candidates), trial
 
 
 def test_the_shortcut_needs_the_same_metric_and_a_soft_bound() -> None:
@@ -140,3 +169,19 @@ def test_kept_status_sums_follow_new_statuses_and_the_instance_set() -> None:
     assert list(metric.compute(ctx)) == [7, 530]
     st.set_instances([b])
     assert list(metric.compute(SchedulingContext(request(), st, 1.0, random.Random(0)))) == [530]
+
+
+def test_count_rows_reach_the_numpy_columns_when_read_and_survive_a_new_instance_set() -> None:
+    a, b, c = meta("a"), meta("b"), meta("c")
+    st = state_of((a, status("a")), (b, status("b")))
+    st.set_account(0, (1, 1, 1, 10, 20))
+    st.set_lite(1, 2, 30)
+    assert st.account[0].tolist() == [1, 1, 1, 10, 20] and st.lite[1].tolist() == [2, 30]
+    st.set_account(1, (0, 1, 1, 0, 7))  # not read before the instance set changes
+    st.set_lite(0, 5, 50)
+    st.set_instances([c, b, a])
+    assert st.ids == ("a", "b", "c")
+    assert st.account.tolist() == [[1, 1, 1, 10, 20], [0, 1, 1, 0, 7], [0] * 5]
+    assert st.account_rows == [(1, 1, 1, 10, 20), (0, 1, 1, 0, 7), (0,) * 5]
+    assert st.lite.tolist() == [[5, 50], [2, 30], [0, 0]]
+    assert st.lite_rows == [(5, 50), (2, 30), (0, 0)]
