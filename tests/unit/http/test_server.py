@@ -104,6 +104,47 @@ def test_pipelined_requests_are_answered_in_order(run: Runner) -> None:
     run(main())
 
 
+def test_a_connection_runs_its_requests_in_one_task_that_ends_with_it(run: Runner) -> None:
+    """One task per connection, not per request; a handler still running after its response
+    went out delays the next request on that connection, not its answer's order."""
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    async def handler(request: Request, response: Response) -> None:
+        tasks.append(asyncio.current_task())
+        response.send(200, request.path.encode(), content_type="text/plain")
+        if request.path == "/linger":
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        server, port = await _start(handler)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            parsed = _Parsed()
+            for i, path in enumerate(("/linger", "/a", "/linger", "/b")):
+                writer.write(_post(path, b"x"))
+                while len(parsed.done) <= i:
+                    parsed.parser.feed_data(await asyncio.wait_for(reader.read(65536), 10))
+            writer.write(_post("/c", b"") + _post("/d", b""))  # pipelined behind each other
+            while len(parsed.done) < 6:
+                parsed.parser.feed_data(await asyncio.wait_for(reader.read(65536), 10))
+            assert [body for _, _, body in parsed.done] == [
+                b"/linger", b"/a", b"/linger", b"/b", b"/c", b"/d"]
+            assert len(tasks) == 6 and len(set(tasks)) == 1
+            task = tasks[0]
+            assert task is not None and not task.done()  # waiting for the next request
+            writer.close()
+            for _ in range(100):
+                if task.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert task.done() and not task.cancelled()
+        finally:
+            writer.close()
+            server.close()
+
+    run(main())
+
+
 def test_large_body_and_chunked_request_body(run: Runner) -> None:
     async def main() -> None:
         server, port = await _start(_echo)

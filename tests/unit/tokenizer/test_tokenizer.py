@@ -196,3 +196,13 @@ def test_a_continued_final_message_is_left_open(tmp_path: Path) -> None:
         [*asked, {"role": "assistant", "content": " the"}], add_generation_prompt=False,
         continue_final_message=True) == approx.apply_chat_template(asked) + " the"
     assert fallback_chat_prompt(asked, add_generation_prompt=False) == "user: hi\n"
+
+
+def test_approx_count_is_the_length_of_the_encoding() -> None:
+    tok = ApproxTokenizer()
+    texts = ["", "Write a short story about a robot learning to paint, in three sentences.",
+             "internationalization " * 3, " Zyxwvutsrqponm  \n\n\t  tabs 1234567890 !?",
+             "reconciliation considerations", "a" * 40 + " " + "b" * 9 + " " + "c" * 8,
+             "     " * 4 + "x"]
+    for text in texts:
+        assert tok.count(text) == len(tok.encode(text)), text
