@@ -263,15 +263,11 @@ class Proxy:
         if stream and upstream.status == 200:
             return await self._stream(request, response, upstream, instance, schedule, started,
                                       replay)
-        return await self._whole(request, response, upstream, schedule.id)
-
-    async def _whole(self, request: Request, response: Response, upstream: UpstreamResponse,
-                     request_id: str) -> int | _Retry:
-        try:
+        try:  # a whole answer (here, not in a method of its own: one coroutine less)
             body = await upstream.read()
         except UpstreamError as e:
             return _Retry("upstream_closed", str(e))
-        response.send(upstream.status, body, (("x-request-id", request_id),),
+        response.send(upstream.status, body, (("x-request-id", schedule.id),),
                       upstream.headers.get("content-type", "application/json"))
         return upstream.status
 

@@ -32,16 +32,15 @@ import asyncio
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable
 
 import httptools
 
 from prescient.errors import PrescientError
+from prescient.http.headers import HeaderItems, header_items
 
 HIGH_WATER = 1 << 20  # buffered response bytes at which reading from the upstream pauses
 LOW_WATER = 1 << 18
-
-RequestHeaders = Mapping[str, str] | Iterable[tuple[str, str]] | None
 
 
 class UpstreamError(PrescientError):
@@ -325,7 +324,7 @@ class UpstreamPool:
         self._closed = False
 
     async def request(self, host: str, port: int, method: str, path: str,
-                      headers: RequestHeaders = None, body: bytes = b"", *,
+                      headers: HeaderItems = None, body: bytes = b"", *,
                       connect_timeout: float = 3.0,
                       abort_when: asyncio.Future[None] | None = None) -> UpstreamResponse:
         """Send a request; returns once the response head has arrived.
@@ -437,12 +436,12 @@ class UpstreamPool:
         return conn
 
 
-def _request_bytes(host: str, port: int, method: str, path: str, headers: RequestHeaders,
+def _request_bytes(host: str, port: int, method: str, path: str, headers: HeaderItems,
                    body: bytes) -> bytes:
     lines = [f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\n"
              f"content-length: {len(body)}\r\n"]
     if headers:
-        items = headers.items() if isinstance(headers, Mapping) else headers
+        items = header_items(headers)
         lines.extend(f"{k}: {v}\r\n" for k, v in items)
     lines.append("\r\n")
     return "".join(lines).encode("latin-1") + body

@@ -21,18 +21,18 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator
 from http import HTTPStatus
 
 import httptools
 
+from prescient.http.headers import HeaderItems, header_items
 from prescient.openai_api import error_body
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
-HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]] | None
 ErrorBody = Callable[[int, str], bytes]  # (status, message) -> body, e.g. an OpenAI error
 Handler = Callable[["Request", "Response"], Awaitable[None]]
 
@@ -186,7 +186,7 @@ class Response:
         parts = [b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\n%b" % (
             status, _REASONS.get(status, b"Unknown"), content_type.encode("latin-1"), framing)]
         if headers:
-            items = headers.items() if isinstance(headers, Mapping) else headers
+            items = header_items(headers)
             parts.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in items)
         if not self._keep_alive:
             parts.append(b"connection: close\r\n")
@@ -345,12 +345,29 @@ class HttpConnection(asyncio.Protocol):
         return True
 
     async def _serve(self, request: Request, keep_alive: bool) -> None:
-        """The connection's task: each request's handler in turn, until the connection ends."""
+        """The connection's task: each request's handler in turn, until the connection ends.
+        (One frame: every resume of a handler passes through each frame above it.)"""
         route = self.route
         while True:
+            response = Response(self, keep_alive)
             # a Router is resolved here, saving a coroutine frame per request
             handler = route(request.method, request.path) if route is not None else self.handler
-            await self._run(handler, request, Response(self, keep_alive))
+            try:
+                await handler(request, response)
+            except Exception:
+                log.exception("handler failed for %s %s", request.method, request.path)
+                if not response.started:
+                    response.send(500, self.error(500, "internal error"))
+                else:
+                    response.abort()
+            else:
+                if not response.started:
+                    if not self.closed:  # (a handler may leave a request whose client is gone)
+                        log.error("handler for %s %s sent no response", request.method,
+                                  request.path)
+                    response.send(500, self.error(500, "internal error: no response"))
+                elif not response.finished:
+                    response.end()
             work, self._next = self._next, None
             if work is None:
                 if self.closed:
@@ -360,23 +377,6 @@ class HttpConnection(asyncio.Protocol):
                 if work is None:
                     return
             request, keep_alive = work
-
-    async def _run(self, handler: Handler, request: Request, response: Response) -> None:
-        try:
-            await handler(request, response)
-        except Exception:
-            log.exception("handler failed for %s %s", request.method, request.path)
-            if not response.started:
-                response.send(500, self.error(500, "internal error"))
-            else:
-                response.abort()
-            return
-        if not response.started:
-            if not self.closed:  # (a handler may leave a request whose client is gone)
-                log.error("handler for %s %s sent no response", request.method, request.path)
-            response.send(500, self.error(500, "internal error: no response"))
-        elif not response.finished:
-            response.end()
 
     def response_done(self, keep_alive: bool) -> None:
         """A response is complete: close, or start the next queued request."""
