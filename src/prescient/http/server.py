@@ -7,12 +7,15 @@ proxy needs: keep-alive, in-order handling of pipelined requests, a body-size li
 streaming with write backpressure, and a disconnect signal a handler can hook to abort upstream
 work. There is no middleware, no routing beyond an exact (method, path) map, no multipart.
 
-A connection's requests run one after another in one Task (`handler(request, response)` for
-each), made at its first request: a Task per request cost about 1.5 us more (asyncio's task
-registry is a Python WeakSet on Python 3.11), on keep-alive connections that carry thousands.
-Requests pipelined on one connection queue up (reading pauses meanwhile), so responses come
-back in order. Every accepted socket gets TCP_NODELAY: with Nagle on, a small SSE event after the
-response head waits for the client's delayed ACK, about 40 ms (router-bench §4.1).
+A connection's requests run in a Task that, once its handler (`handler(request, response)`)
+returns, waits for the connection's next request and runs that one too: a Task per request
+cost about a microsecond more (Python 3.11 registers every task in a Python WeakSet), on
+keep-alive connections that carry thousands. A request that comes while the last handler is
+still busy after its response went out gets a Task of its own, so it never waits for that
+handler. Requests pipelined on one connection queue up (reading pauses meanwhile) and start
+one after another, so responses come back in order. Every accepted socket gets TCP_NODELAY:
+with Nagle on, a small SSE event after the response head waits for the client's delayed ACK,
+about 40 ms (router-bench §4.1).
 """
 
 from __future__ import annotations
@@ -228,9 +231,8 @@ class HttpConnection(asyncio.Protocol):
         self._body_size = 0
         self._busy = False  # a response is in progress
         self._queue: deque[tuple[Request, bool]] = deque()  # pipelined, not yet started
-        self._task: asyncio.Task[None] | None = None  # runs the handlers, one at a time
-        self._next: tuple[Request, bool] | None = None  # for the task once its handler returns
-        self._idle: asyncio.Future[tuple[Request, bool] | None] | None = None  # task's wait
+        self._task: asyncio.Task[None] | None = None  # the newest task (see the module doc)
+        self._idle: asyncio.Future[tuple[Request, bool] | None] | None = None  # its wait
         self._continue_owed = False  # a queued request waits for "100 Continue"
         self._write_paused = False
         self._write_waiter: asyncio.Future[None] | None = None
@@ -331,13 +333,12 @@ class HttpConnection(asyncio.Protocol):
 
     def _start(self, request: Request, keep_alive: bool) -> None:
         self._busy = True
-        if self._task is None:
+        if not self._hand_over((request, keep_alive)):
             self._task = self.loop.create_task(self._serve(request, keep_alive))
-        elif not self._hand_over((request, keep_alive)):
-            self._next = (request, keep_alive)  # its handler is still returning
 
     def _hand_over(self, work: tuple[Request, bool] | None) -> bool:
-        """Wake the task waiting for the next request (None: the connection is gone)."""
+        """Give `work` to the task waiting for the next request (None: the connection is
+        gone); False when no task waits."""
         idle, self._idle = self._idle, None
         if idle is None or idle.done():
             return False
@@ -345,8 +346,10 @@ class HttpConnection(asyncio.Protocol):
         return True
 
     async def _serve(self, request: Request, keep_alive: bool) -> None:
-        """The connection's task: each request's handler in turn, until the connection ends.
-        (One frame: every resume of a handler passes through each frame above it.)"""
+        """Run `handler` for this request, then for each next one the connection hands over,
+        while this is its newest task. (One frame: a handler's every resume passes through
+        each frame above it.)"""
+        task = asyncio.current_task()
         route = self.route
         while True:
             response = Response(self, keep_alive)
@@ -368,14 +371,12 @@ class HttpConnection(asyncio.Protocol):
                     response.send(500, self.error(500, "internal error: no response"))
                 elif not response.finished:
                     response.end()
-            work, self._next = self._next, None
+            if self.closed or self._task is not task:
+                return  # a newer task serves the connection
+            self._idle = self.loop.create_future()
+            work = await self._idle
             if work is None:
-                if self.closed:
-                    return
-                self._idle = self.loop.create_future()
-                work = await self._idle
-                if work is None:
-                    return
+                return
             request, keep_alive = work
 
     def response_done(self, keep_alive: bool) -> None:

@@ -105,39 +105,52 @@ def test_pipelined_requests_are_answered_in_order(run: Runner) -> None:
 
 
 def test_a_connection_runs_its_requests_in_one_task_that_ends_with_it(run: Runner) -> None:
-    """One task per connection, not per request; a handler still running after its response
-    went out delays the next request on that connection, not its answer's order."""
-    tasks: list[asyncio.Task[Any] | None] = []
+    """Requests in turn on a keep-alive connection share a task; one that comes while the last
+    handler still runs after its response went out (a slow handler, or pipelining) gets its
+    own and does not wait for it. The tasks end with their handlers, the newest one with the
+    connection."""
+    tasks: dict[str, asyncio.Task[Any] | None] = {}
+    lingered = asyncio.Event()
 
     async def handler(request: Request, response: Response) -> None:
-        tasks.append(asyncio.current_task())
+        tasks[request.path] = asyncio.current_task()
         response.send(200, request.path.encode(), content_type="text/plain")
         if request.path == "/linger":
-            await asyncio.sleep(0.05)
+            await lingered.wait()
 
     async def main() -> None:
         server, port = await _start(handler)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            parsed = _Parsed()
-            for i, path in enumerate(("/linger", "/a", "/linger", "/b")):
-                writer.write(_post(path, b"x"))
-                while len(parsed.done) <= i:
-                    parsed.parser.feed_data(await asyncio.wait_for(reader.read(65536), 10))
-            writer.write(_post("/c", b"") + _post("/d", b""))  # pipelined behind each other
-            while len(parsed.done) < 6:
+        parsed = _Parsed()
+
+        async def answer(*raw: bytes) -> list[bytes]:
+            expected = len(parsed.done) + len(raw)
+            writer.write(b"".join(raw))
+            while len(parsed.done) < expected:
                 parsed.parser.feed_data(await asyncio.wait_for(reader.read(65536), 10))
-            assert [body for _, _, body in parsed.done] == [
-                b"/linger", b"/a", b"/linger", b"/b", b"/c", b"/d"]
-            assert len(tasks) == 6 and len(set(tasks)) == 1
-            task = tasks[0]
-            assert task is not None and not task.done()  # waiting for the next request
+            return [body for _, _, body in parsed.done[expected - len(raw):]]
+
+        try:
+            assert await answer(_post("/a", b"x")) == [b"/a"]
+            assert await answer(_post("/b", b"x")) == [b"/b"]
+            assert await answer(_post("/linger", b"x")) == [b"/linger"]
+            assert await answer(_post("/c", b"x")) == [b"/c"]  # /linger's handler still runs
+            assert await answer(_post("/d", b""), _post("/e", b"")) == [b"/d", b"/e"]
+            assert tasks["/a"] is tasks["/b"] is tasks["/linger"]
+            assert tasks["/c"] is not tasks["/linger"]
+            # /e, pipelined, started as /d's response went out, before /d's handler returned
+            assert tasks["/c"] is tasks["/d"] and tasks["/e"] is not tasks["/d"]
+            first, last = tasks["/a"], tasks["/e"]
+            assert first is not None and last is not None and not first.done()
+            lingered.set()
+            await asyncio.sleep(0.05)
+            assert first.done() and not last.done()  # the newest task waits for a request
             writer.close()
             for _ in range(100):
-                if task.done():
+                if last.done():
                     break
                 await asyncio.sleep(0.01)
-            assert task.done() and not task.cancelled()
+            assert last.done() and not last.cancelled()
         finally:
             writer.close()
             server.close()
