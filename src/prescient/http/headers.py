@@ -10,7 +10,7 @@ HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]] | None
 def header_items(headers: Mapping[str, str] | Iterable[tuple[str, str]]
                  ) -> Iterable[tuple[str, str]]:
     """(name, value) pairs of `headers`."""
-    # the gateway passes tuples and lists: no ABC check for them (a third of a microsecond)
+    # the gateway passes tuples and lists: they skip the (slower) ABC check
     if isinstance(headers, (tuple, list)):
         return headers
     return headers.items() if isinstance(headers, Mapping) else headers
