@@ -172,17 +172,22 @@ class _InstanceAccount:
             self.decode_tokens += sign * num_tokens
 
     def append_leg(self, entry: _Entry) -> None:
-        """Count a new entry, the newest of the instance: on the prefill side an append."""
-        tail = self.prefill_tail
-        epoch = self.prefill_epoch
-        self.count_leg(entry.infer_type, entry.num_tokens, entry.num_uncomputed_tokens, 1)
-        self.num_requests += 1
-        if entry.infer_type in _PREFILL_SIDE:
-            self.prefill_epoch = epoch  # count_leg started a new one: undo, it is an append
+        """Count a new entry, the newest of the instance: on the prefill side an append (the
+        tail grows, the epoch stays)."""
+        infer_type = entry.infer_type
+        if infer_type in _PREFILL_SIDE:
+            self.num_prefill += 1
+            self.prefill_uncomputed_tokens += entry.num_uncomputed_tokens
+            self.prefill_queue = None
+            self.journal.touch(self.instance_id)
+            tail = self.prefill_tail
             if tail is not None:
                 tail[0].append(entry.scheduled_at)
                 tail[1].append(float(entry.num_uncomputed_tokens))
-                self.prefill_tail = tail
+        if infer_type in _DECODE_SIDE:
+            self.num_decode += 1
+            self.decode_tokens += entry.num_tokens
+        self.num_requests += 1
 
     def uncount(self, entry: _Entry) -> None:
         """Take a counted entry out of the totals (it stays in `entries`)."""
