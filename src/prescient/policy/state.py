@@ -86,9 +86,7 @@ class ClusterState:
         self.has_status = np.zeros(n, bool)
         self.schedulable = np.zeros(n, bool)
         self.status = np.zeros((n, len(STATUS_FIELDS)))
-        old_rows = getattr(self, "account_rows", None), getattr(self, "lite_rows", None)
-        if old_cols is not None:  # bring the count columns up to date before copying them
-            _ = self.account, self.lite
+        old_rows = getattr(self, "account_rows", []), getattr(self, "lite_rows", [])
         # the dispatch counts: a tuple per row, copied into the numpy column when it is read
         self.account_rows: list[tuple[int, ...]] = [_ZERO_ACCOUNT] * n
         self.lite_rows: list[tuple[int, int]] = [(0, 0)] * n  # requests, tokens
@@ -99,15 +97,14 @@ class ClusterState:
         self.predicted_output = np.zeros(n)  # predicted output tokens of in-flight requests
         self._sums: dict[tuple[str, ...], tuple[np.ndarray, list[float]]] = {}
         self._sums_version = -1
-        self._columns = (self.has_status, self.schedulable, self.status, self._account,
-                         self._lite, self.predicted_output)
+        self._columns = (self.has_status, self.schedulable, self.status, self.predicted_output)
         if old_cols is not None:
             for iid, row in self.index.items():
                 if iid in old:
                     for new_col, old_col in zip(self._columns, old_cols, strict=True):
                         new_col[row] = old_col[old[iid]]
-                    self.account_rows[row] = old_rows[0][old[iid]]  # type: ignore[index]
-                    self.lite_rows[row] = old_rows[1][old[iid]]  # type: ignore[index]
+                    self.set_account(row, old_rows[0][old[iid]])
+                    self.set_lite(row, *old_rows[1][old[iid]])
 
     def __len__(self) -> int:
         return len(self.ids)
