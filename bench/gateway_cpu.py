@@ -28,6 +28,14 @@ Run from the repository root:
     .venv/bin/python bench/gateway_cpu.py --quick          # 2 s windows, fewer setups
     .venv/bin/python bench/gateway_cpu.py --setup gw-fake --profile   # cProfile the gateway
     PYTHONPATH=/other/checkout/src .venv/bin/python bench/gateway_cpu.py ...   # another version
+    .venv/bin/python bench/gateway_cpu.py --setup gw-core-full --against /other/checkout/src \
+        --non-stream-only --rounds 6                       # same-window A/B, ~1 minute
+
+The VM's speed drifts by 10-20 % between windows minutes apart, which hides changes of a few
+per cent. `--against` runs this checkout's gateway and another's at the same time, both on core
+1 (each gets about half of it, so each costs more per request than alone) with one client
+each on core 0, and prints the ratio of their CPU per request, window by window: an A/B of
+two identical checkouts reads 1.00 +- 0.015 per window.
 
 Goal (issue: match the Rust routers per core): <= ~50 us of gateway CPU per non-stream request
 including the scheduling call (vllm-router: 47 us), TCP_NODELAY on client sockets.
@@ -51,9 +59,11 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -421,36 +431,53 @@ def _pythonpath() -> str:
     return f"{given + ':' if given else ''}{ROOT / 'src'}:{ROOT}"
 
 
-def _spawn(*args: str, core: int | None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+def _spawn(*args: str, core: int | None, pythonpath: str | None = None
+           ) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": pythonpath or _pythonpath()}
     pre = ["taskset", "-c", str(core)] if core is not None and os.cpu_count() > 1 else []
     return subprocess.Popen([*pre, sys.executable, __file__, *args], env=env)
 
 
-def _measure(setup: str, stream: bool, args: argparse.Namespace) -> dict[str, float]:
+def _client_argv(port: int, watch: int, stream: bool, args: argparse.Namespace) -> list[str]:
+    return ["taskset", "-c", "0", sys.executable, __file__, "--role", "client", "--port",
+            str(port), "--watch", str(watch), "--connections", str(args.connections),
+            "--warmup", str(args.warmup), "--duration", str(args.duration),
+            *(["--stream"] if stream else [])]
+
+
+def _measure(setup: str, stream: bool, args: argparse.Namespace,
+             versions: tuple[str | None, ...] = (None,)) -> list[dict[str, float]]:
+    """One window per version given (None: this checkout), all at once: the gateways share
+    core 1, their clients core 0, so every version sees the same machine speed."""
     engine_ports = [_free_port(), _free_port()]
     procs = [_spawn("--role", "engine", "--port", str(p), core=0) for p in engine_ports]
     try:
         for p in engine_ports:
             _wait_port(p)
-        target, watch = engine_ports[0], procs[0].pid
+        targets = [(engine_ports[0], procs[0].pid)]
         if setup != "direct":
-            target = _free_port()
-            gw = _spawn("--role", "gateway", "--port", str(target), "--setup", setup,
-                        "--engines", ",".join(map(str, engine_ports)),
-                        "--profile-out", _profile_path(args, stream) if args.profile else "",
-                        core=1)
-            procs.append(gw)
-            _wait_port(target)
-            watch = gw.pid
-        out = subprocess.run(
-            ["taskset", "-c", "0", sys.executable, __file__, "--role", "client", "--port",
-             str(target), "--watch", str(watch), "--connections", str(args.connections),
-             "--warmup", str(args.warmup), "--duration", str(args.duration),
-             *(["--stream"] if stream else [])],
-            env={**os.environ, "PYTHONPATH": _pythonpath()}, capture_output=True,
-            check=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+            targets = []
+            for version in versions:
+                port = _free_port()
+                gw = _spawn("--role", "gateway", "--port", str(port), "--setup", setup,
+                            "--engines", ",".join(map(str, engine_ports)),
+                            "--profile-out", _profile_path(args, stream) if args.profile else "",
+                            core=1, pythonpath=version and f"{version}:{ROOT}")
+                procs.append(gw)
+                targets.append((port, gw.pid))
+            for port, _ in targets:
+                _wait_port(port)
+        clients = [subprocess.Popen(_client_argv(port, watch, stream, args),
+                                    env={**os.environ, "PYTHONPATH": _pythonpath()},
+                                    stdout=subprocess.PIPE, text=True)
+                   for port, watch in targets]
+        results = []
+        for client in clients:
+            out, _ = client.communicate()
+            if client.returncode:
+                raise RuntimeError(f"client exited {client.returncode}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -461,11 +488,14 @@ def _main(args: argparse.Namespace) -> None:
     setups = args.setup or (("pump", "gw-fake", "gw-core-full") if args.quick else SETUPS)
     print(f"{os.cpu_count()} cores; {args.connections} connections; {args.duration:g} s windows"
           f" after {args.warmup:g} s warm-up")
+    if args.against:
+        _main_ab(setups, args)
+        return
     print(f"{'setup':<14} {'mode':<10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'CPU us/req':>10} {'CPU %':>6} {'errors':>6}")
     for setup in setups:
         for stream in (False, True):
-            r = _measure(setup, stream, args)
+            r = _measure(setup, stream, args)[0]
             print(f"{setup:<14} {'stream' if stream else 'non-stream':<10} {r['rps']:>8,.0f} "
                   f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['us_per_req']:>10.1f} "
                   f"{r['cpu_pct']:>6.0f} {r['errors']:>6.0f}", flush=True)
@@ -475,6 +505,28 @@ def _main(args: argparse.Namespace) -> None:
         for stream in (False, True):
             print(f"--- profile of the last setup, {'stream' if stream else 'non-stream'}")
             pstats.Stats(_profile_path(args, stream)).sort_stats("tottime").print_stats(25)
+
+
+def _main_ab(setups: Sequence[str], args: argparse.Namespace) -> None:
+    """This checkout against `--against` in the same windows, `--rounds` times per setup and
+    mode (which version is spawned first alternates)."""
+    print(f"A: {ROOT / 'src'}\nB: {args.against}")
+    print(f"{'setup':<14} {'mode':<10} {'A us/req':>9} {'B us/req':>9} {'B/A':>6}  rounds")
+    for setup in setups:
+        for stream in (False, True) if not args.non_stream_only else (False,):
+            ratios, a_us, b_us = [], [], []
+            for k in range(args.rounds):
+                order = (None, args.against) if k % 2 == 0 else (args.against, None)
+                a, b = _measure(setup, stream, args, order)
+                if k % 2:
+                    a, b = b, a
+                a_us.append(a["us_per_req"])
+                b_us.append(b["us_per_req"])
+                ratios.append(b["us_per_req"] / a["us_per_req"])
+            print(f"{setup:<14} {'stream' if stream else 'non-stream':<10} "
+                  f"{statistics.median(a_us):>9.1f} {statistics.median(b_us):>9.1f} "
+                  f"{statistics.median(ratios):>6.3f}  "
+                  + " ".join(f"{r:.3f}" for r in ratios), flush=True)
 
 
 def _profile_path(args: argparse.Namespace, stream: bool) -> str:
@@ -495,6 +547,11 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--against", metavar="SRC",
+                   help="another checkout's src directory: run its gateway beside this one's "
+                        "in the same windows and print the CPU ratio")
+    p.add_argument("--rounds", type=int, default=4, help="windows per setup with --against")
+    p.add_argument("--non-stream-only", action="store_true")
     args = p.parse_args()
     if args.quick:
         args.warmup, args.duration = 1.0, 2.0
