@@ -171,7 +171,7 @@ class PdForwarder:
             upstream = await self.proxy.pool.request(
                 endpoint.host, endpoint.port, "POST", request.path, job.headers,
                 job.prefill_body, connect_timeout=self.proxy.connect_timeout,
-                abort_when=request.disconnected)
+                abort_when=request)
             answer = await upstream.read()
         except UpstreamConnectError as e:
             self.proxy.balancer.mark_failed((endpoint.host, endpoint.port))

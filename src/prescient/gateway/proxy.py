@@ -245,7 +245,7 @@ class Proxy:
             upstream = await self.pool.request(
                 endpoint.host, endpoint.port, "POST", request.path, headers,
                 request.body if body is None else body,
-                connect_timeout=self.connect_timeout, abort_when=request.disconnected)
+                connect_timeout=self.connect_timeout, abort_when=request)
         except UpstreamConnectError as e:
             self.balancer.mark_failed((endpoint.host, endpoint.port))
             return _Retry("upstream_connect", str(e))

@@ -33,6 +33,8 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Protocol
 
 import httptools
 
@@ -57,6 +59,15 @@ class UpstreamClosedError(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream sent something that is not valid HTTP."""
+
+
+class AbortSignal(Protocol):
+    """Tells a request to give up: the gateway's client `Request` (its client left)."""
+
+    @property
+    def is_disconnected(self) -> bool: ...
+
+    def on_disconnect(self, callback: Callable[[], object]) -> None: ...
 
 
 class UpstreamResponse:
@@ -191,15 +202,10 @@ class _UpstreamConnection(asyncio.Protocol):
         self.transport.write(data)
         return self._head
 
-    def abort_callback(self) -> Callable[[object], None]:
-        """A done-callback that closes the connection if this exchange is still running."""
-        exchange = self.exchanges
-
-        def abort(_: object) -> None:
-            if self.exchanges == exchange and self.busy:
-                self.close()
-
-        return abort
+    def abort_exchange(self, exchange: int) -> None:
+        """Close the connection if its `exchange`-th exchange is still running."""
+        if self.exchanges == exchange and self.busy:
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         if self._head is None and self._response is None:
@@ -326,11 +332,12 @@ class UpstreamPool:
     async def request(self, host: str, port: int, method: str, path: str,
                       headers: HeaderItems = None, body: bytes = b"", *,
                       connect_timeout: float = 3.0,
-                      abort_when: asyncio.Future[None] | None = None) -> UpstreamResponse:
+                      abort_when: AbortSignal | None = None) -> UpstreamResponse:
         """Send a request; returns once the response head has arrived.
 
-        `abort_when` (e.g. the client's `Request.disconnected`): when it resolves before the
-        response is complete, the connection is closed, so the upstream sees the disconnect.
+        `abort_when` (e.g. the client's server `Request`): when it signals a disconnect
+        before the response is complete, the connection is closed, so the upstream sees the
+        disconnect.
 
         Raises:
             UpstreamConnectError: connecting failed, or the connection ended before any
@@ -345,32 +352,32 @@ class UpstreamPool:
             self._watch()
         key = (host, port)
         data = _request_bytes(host, port, method, path, headers, body)
-        if abort_when is not None and abort_when.done():
+        if abort_when is not None and abort_when.is_disconnected:
             raise UpstreamClosedError("aborted before sending")
         conn = self._take_idle(key)
         if conn is not None:
             try:
                 return await self._exchange(conn, data, abort_when)
             except _NoResponse:
-                if abort_when is not None and abort_when.done():
+                if abort_when is not None and abort_when.is_disconnected:
                     raise UpstreamClosedError("aborted before the response") from None
                 # a stale keep-alive connection: once more on a fresh one
         conn = await self._connect(key, connect_timeout)
         try:
             return await self._exchange(conn, data, abort_when)
         except _NoResponse as e:
-            if abort_when is not None and abort_when.done():
+            if abort_when is not None and abort_when.is_disconnected:
                 raise UpstreamClosedError("aborted before the response") from None
             raise UpstreamConnectError(f"{host}:{port} closed before answering: {e}") from None
 
     @staticmethod
     def _exchange(conn: _UpstreamConnection, data: bytes,
-                  abort_when: asyncio.Future[None] | None) -> asyncio.Future[UpstreamResponse]:
+                  abort_when: AbortSignal | None) -> asyncio.Future[UpstreamResponse]:
         """Send; the future resolves with the head. An abort fails it with `_NoResponse` (no
         byte yet) or `UpstreamClosedError`, so `request` checks `abort_when` before retrying."""
         head = conn.send(data)
         if abort_when is not None:
-            abort_when.add_done_callback(conn.abort_callback())
+            abort_when.on_disconnect(partial(conn.abort_exchange, conn.exchanges))
         return head
 
     def put_back(self, conn: _UpstreamConnection) -> None:

@@ -79,18 +79,25 @@ class Request:
         """True once the client's connection is gone."""
         return self._conn.closed
 
+    def on_disconnect(self, callback: Callable[[], object]) -> None:
+        """Call `callback()` once if the client goes away before this request's response is
+        complete (at once if it has gone already): to abort upstream work.
+
+        A plain callback, not a future: the gateway hooks one to every forwarded request.
+        """
+        conn = self._conn
+        if conn.closed:
+            callback()
+        else:
+            conn.watchers.append(callback)
+
     @property
     def disconnected(self) -> asyncio.Future[None]:
-        """Resolves when the client goes away; add a done-callback to abort upstream work.
-
-        Made on first use, so requests that never look cost nothing.
-        """
+        """Resolves when the client goes away before the response is complete (see
+        `on_disconnect`). Made on first use."""
         if self._disconnected is None:
-            self._disconnected = self._conn.loop.create_future()
-            if self._conn.closed:
-                self._disconnected.set_result(None)
-            else:
-                self._conn.watchers.append(self._disconnected)
+            gone = self._disconnected = self._conn.loop.create_future()
+            self.on_disconnect(lambda: gone.done() or gone.set_result(None))
         return self._disconnected
 
 
@@ -223,7 +230,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.closed = False
         self.http10 = False
-        self.watchers: list[asyncio.Future[None]] = []  # Request.disconnected futures
+        self.watchers: list[Callable[[], object]] = []  # Request.on_disconnect callbacks
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: dict[str, str] = {}
@@ -267,10 +274,12 @@ class HttpConnection(asyncio.Protocol):
         self.closed = True
         self.registry.discard(self)
         self._queue.clear()
-        for fut in self.watchers:
-            if not fut.done():
-                fut.set_result(None)
-        self.watchers.clear()
+        watchers, self.watchers = self.watchers, []
+        for callback in watchers:
+            try:
+                callback()
+            except Exception:
+                log.exception("a disconnect callback failed")
         self._wake_writer()
         self._hand_over(None)  # an idle task ends
 

@@ -120,9 +120,10 @@ class _PrefillJournal:
         return self.serial
 
     def touch(self, instance_id: str) -> int:
-        serial = self.new_serial()
-        self.changed.pop(instance_id, None)
-        self.changed[instance_id] = serial
+        serial = self.serial = self.serial + 1
+        changed = self.changed
+        changed.pop(instance_id, None)
+        changed[instance_id] = serial
         return serial
 
     def since(self, serial: int) -> list[str]:
@@ -195,10 +196,6 @@ class _InstanceAccount:
             self.count_leg(entry.infer_type, entry.num_tokens, entry.num_uncomputed_tokens, -1)
             self.num_requests -= 1
             entry.found_in_cms = True
-
-    def counts(self) -> tuple[int, int, int, int, int]:
-        return (self.num_prefill, self.num_decode, self.num_requests,
-                self.prefill_uncomputed_tokens, self.decode_tokens)
 
     def prefill_log(self) -> tuple[int, list[float], list[float]]:
         if self.prefill_tail is None:
@@ -334,9 +331,14 @@ class LocalAccount:
 
     def release(self, request_id: str) -> list[str]:
         """Remove the request from every instance; returns the instance ids touched, sorted."""
-        touched = sorted(self._where.get(request_id, ()))
-        for instance_id in touched:
-            self._delete(self._accounts[instance_id], request_id, instance_id)
+        where = self._where.pop(request_id, None)
+        if where is None:
+            return []
+        touched = sorted(where)
+        for instance_id in touched:  # `_delete` without the reverse index: it is gone already
+            account = self._accounts[instance_id]
+            account.uncount(account.entries.pop(request_id))
+            account.found.discard(request_id)
         return touched
 
     def totals(self, instance_id: str) -> AccountTotals:
@@ -346,8 +348,11 @@ class LocalAccount:
     def counts(self, instance_id: str) -> tuple[int, int, int, int, int]:
         """`totals` as a plain tuple in `AccountTotals` field order, for the dispatcher's
         per-decision row update (no struct to build)."""
-        account = self._accounts.get(instance_id)
-        return _ZERO_COUNTS if account is None else account.counts()
+        a = self._accounts.get(instance_id)
+        if a is None:
+            return _ZERO_COUNTS
+        return (a.num_prefill, a.num_decode, a.num_requests, a.prefill_uncomputed_tokens,
+                a.decode_tokens)
 
     def inflight_prefills(self, instance_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Dispatch times (s) and uncomputed tokens of the prefill-side legs counted on the

@@ -43,6 +43,10 @@ class SchedulingMode(enum.StrEnum):
     PD_STAGED = "pd_staged"
 
 
+_LEGS = {SchedulingMode.NEUTRAL: (InferType.NEUTRAL,),
+         SchedulingMode.PD_BATCH: (InferType.PREFILL, InferType.DECODE)}
+
+
 class Dispatcher:
     """Cluster view + accounts + pipelines. Pure: time comes in as `now`.
 
@@ -152,17 +156,19 @@ class Dispatcher:
         if self.needs_cms:
             self.cms.require_available()
         placements: list[Placement] = []
-        for infer_type in self._legs(mode, stage):
+        for infer_type in _LEGS.get(mode) or self._legs(mode, stage):
             picked = self._pick(request, infer_type, now)
             if picked is None:
                 self._undo(request.request_id, placements)
                 return Decision(request.request_id)
             row, hit_tokens = picked
-            placements.append(Placement(self.state.ids[row], infer_type))
-            self._count(request, placements[-1], hit_tokens, now)
-        for placement in placements:
-            for observer in self.observers:
-                observer.on_placed(request, placement.instance_id, self.state, now)
+            placement = Placement(self.state.ids[row], infer_type)
+            placements.append(placement)
+            self._count(request, placement, hit_tokens, now)
+        if self.observers:
+            for placement in placements:
+                for observer in self.observers:
+                    observer.on_placed(request, placement.instance_id, self.state, now)
         return Decision(request.request_id, tuple(placements))
 
     def release(self, request_id: str, now: float) -> None:
@@ -177,11 +183,9 @@ class Dispatcher:
         for iid in touched:
             self._refresh_row(iid)
 
-    def _legs(self, mode: SchedulingMode, stage: InferType | None) -> Sequence[InferType]:
-        if mode is SchedulingMode.NEUTRAL:
-            return (InferType.NEUTRAL,)
-        if mode is SchedulingMode.PD_BATCH:
-            return (InferType.PREFILL, InferType.DECODE)
+    @staticmethod
+    def _legs(mode: SchedulingMode, stage: InferType | None) -> Sequence[InferType]:
+        """The legs of a `pd_staged` request (the other modes' are in `_LEGS`)."""
         if stage not in (InferType.PREFILL, InferType.DECODE):
             raise ValueError("pd_staged scheduling needs stage=prefill or stage=decode")
         return (stage,)
@@ -190,7 +194,7 @@ class Dispatcher:
               ) -> tuple[int, int] | None:
         """The chosen row and the prompt tokens it already caches, or None."""
         pipeline = self.pipelines.get(infer_type)
-        if pipeline is None or not len(self.state):
+        if pipeline is None or not self.state.ids:
             return None
         candidates = self._candidate_mask(infer_type)
         ctx = SchedulingContext(request, self.state, now, self.rng)
@@ -250,7 +254,7 @@ class Dispatcher:
 
     def _refresh_row(self, instance_id: str) -> None:
         """Rewrite the instance's dispatch counts (its status row changes only on polls)."""
-        row = self.state.row(instance_id)
+        row = self.state.index.get(instance_id)
         if row is None:
             return
         if self.account is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -154,6 +154,9 @@ class PlacementObserver(Protocol):
                   ) -> None: ...
 
 
+# a metric's values at a few rows in plain Python, or None (`LinearMetric.values_at`)
+ValuesAt = Callable[[SchedulingContext, list[int]], list[float] | None]
+
 # Up to this many rows a `LinearMetric` is read in plain Python: below it numpy's fixed cost
 # per call is more than the arithmetic (bench/schedule_release.py --instances N).
 PLAIN_ROWS = 16
@@ -168,14 +171,8 @@ class _StaticMask(NamedTuple):
 
 
 def _least(ctx: SchedulingContext, metric: Metric, hit: _StaticMask) -> tuple[int, float]:
-    """The first of the static rows with the least `metric`, and its value (NaN is least)."""
-    few = hit.few_rows
-    values_at = getattr(metric, "values_at", None)
-    if few is not None and values_at is not None:
-        values = values_at(ctx, few)
-        if values is not None:
-            least = min(values)
-            return few[values.index(least)], least
+    """The first of the static rows with the least `metric`, and its value (NaN is least), on
+    the numpy column."""
     rows = hit.rows
     column = ctx.metric(metric)
     if len(rows) != len(column):
@@ -221,8 +218,9 @@ class Pipeline:
         self._static_version = -1
         self._argmin = self._argmin_bound()
 
-    def _argmin_bound(self) -> tuple[Metric, float] | None:
-        """(m, t) when the pipeline has load-balance's shape (see the class doc), else None."""
+    def _argmin_bound(self) -> tuple[Metric, float, ValuesAt | None] | None:
+        """(m, t, m's `values_at`) when the pipeline has load-balance's shape (see the class
+        doc), else None."""
         if not self._cacheable or len(self._dynamic) != 1:
             return None
         bound = getattr(self._dynamic[0], "soft_bound", None)
@@ -230,7 +228,7 @@ class Pipeline:
             return None
         if any(f.soft for f in (*self._static, *self.global_filters)):
             return None  # the fallback pass would start from another static mask
-        return bound
+        return bound[0], bound[1], getattr(bound[0], "values_at", None)
 
     @property
     def has_soft_filters(self) -> bool:
@@ -239,13 +237,20 @@ class Pipeline:
     def pick(self, ctx: SchedulingContext, candidates: np.ndarray) -> int | None:
         """The chosen row among `candidates` (a mask), or None when nothing is available."""
         if self._argmin is not None:
-            metric, bound = self._argmin
+            metric, bound, values_at = self._argmin
             hit = self._static_entry(ctx, candidates, False)
-            if not len(hit.rows):
+            few = hit.few_rows
+            values = values_at(ctx, few) if few and values_at is not None else None
+            if values is not None:  # the first least in plain Python
+                least = min(values)
+                if least < bound:
+                    return few[values.index(least)]  # type: ignore[index]
+            elif len(hit.rows):
+                row, value = _least(ctx, metric, hit)
+                if value < bound:
+                    return row
+            else:
                 return None  # the fallback pass has the same static rows
-            row, value = _least(ctx, metric, hit)
-            if value < bound:
-                return row
         keep = self.filter(ctx, candidates, fallback=False)
         if not keep.any() and candidates.any() and self.has_soft_filters:
             keep = self.filter(ctx, candidates, fallback=True)

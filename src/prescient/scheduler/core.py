@@ -107,6 +107,8 @@ class SchedulerCore:
         self._discovered: dict[str, DiscoveredInstance] = {}
         # instance id -> (the metadata the records were built from, one record per leg type)
         self._records: dict[str, tuple[InstanceMetadata, dict[InferType, LLMInstance]]] = {}
+        self._placed_records: dict[Placement, LLMInstance] = {}
+        self._placed_version = -1
         self._started = False
         self._subscribed = False
 
@@ -215,7 +217,7 @@ class SchedulerCore:
         job = self._request(request)
         mode = _MODES[request.scheduling_mode]
         stage = _STAGES[request.scheduling_stage]
-        if mode is SchedulingMode.PD_STAGED and stage is None:
+        if stage is None and mode is SchedulingMode.PD_STAGED:
             raise InvalidScheduleRequestError(
                 "scheduling_mode pd_staged needs scheduling_stage prefill or decode")
         if self._prefetch is not None:
@@ -231,7 +233,18 @@ class SchedulerCore:
                 # discovery: say "cannot decide" so it falls back, instead of 429 and a wait.
                 raise SchedulerUnavailableError("cms lists no instances")
             raise NoInstanceAvailableError(f"no instance available for request {request.id!r}")
-        return [self._placed(p) for p in decision.placements]
+        # the records of the placements made since the state last changed, by placement
+        version = self.dispatcher.state.version
+        if self._placed_version != version:
+            self._placed_records.clear()
+            self._placed_version = version
+        placed = []
+        for placement in decision.placements:
+            record = self._placed_records.get(placement)
+            if record is None:
+                record = self._placed_records[placement] = self._placed(placement)
+            placed.append(record)
+        return placed
 
     async def release(self, request: ScheduleRequest) -> None:
         """Forget the request on every instance it was counted on.

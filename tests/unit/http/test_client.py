@@ -240,6 +240,22 @@ def test_abort_closes_the_upstream_connection(run: Runner) -> None:
     run(main())
 
 
+class _Signal:
+    """An `AbortSignal` that a test trips (the gateway's is the client's `Request`)."""
+
+    def __init__(self) -> None:
+        self.is_disconnected = False
+        self._callbacks: list[Callable[[], object]] = []
+
+    def on_disconnect(self, callback: Callable[[], object]) -> None:
+        self._callbacks.append(callback)
+
+    def disconnect(self) -> None:
+        self.is_disconnected = True
+        for callback in self._callbacks:
+            callback()
+
+
 def test_abort_when_closes_the_connection_while_waiting_for_the_head(run: Runner) -> None:
     async def main() -> None:
         gone = asyncio.Event()
@@ -253,14 +269,45 @@ def test_abort_when_closes_the_connection_while_waiting_for_the_head(run: Runner
         server = await serve(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         pool = UpstreamPool()
-        abort = asyncio.get_running_loop().create_future()
+        abort = _Signal()
         call = asyncio.ensure_future(pool.request("127.0.0.1", port, "POST", "/", None, b"{}",
                                                   abort_when=abort))
         await asyncio.wait_for(arrived.wait(), 10)
-        abort.set_result(None)
+        abort.disconnect()
         with pytest.raises(UpstreamClosedError, match="aborted"):
             await call
         await asyncio.wait_for(gone.wait(), 10)
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_a_late_abort_leaves_the_connection_to_its_next_exchange(run: Runner) -> None:
+    async def main() -> None:
+        hold = asyncio.Event()
+
+        async def handler(request: Request, response: Response) -> None:
+            if request.path == "/one":
+                response.send(200, b"one")
+                return
+            response.start(200)  # the second exchange is still running at the abort
+            response.write(b"two, ")
+            await hold.wait()
+            response.write(b"done")
+
+        server = await serve(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = UpstreamPool()
+        first = _Signal()
+        r = await pool.request("127.0.0.1", port, "GET", "/one", abort_when=first)
+        assert await r.read() == b"one"
+        second = await pool.request("127.0.0.1", port, "GET", "/two")  # same connection
+        assert await second.read_chunk() == b"two, "
+        first.disconnect()  # the first request's client leaves only now
+        hold.set()
+        assert await second.read() == b"done"
+        assert len(pool._all) == 1
         await pool.close()
         server.close()
 

@@ -301,6 +301,39 @@ def test_client_disconnect_resolves_the_disconnected_future(run: Runner) -> None
     run(main())
 
 
+def test_on_disconnect_fires_once_while_answering_and_never_after_the_response(
+        run: Runner) -> None:
+    async def main() -> None:
+        calls: list[str] = []
+        seen = asyncio.Event()
+        gone = asyncio.Event()
+
+        async def handler(request: Request, response: Response) -> None:
+            if request.path == "/quick":
+                request.on_disconnect(lambda: calls.append("quick"))
+                response.send(200, b"ok")  # complete: its callback is dropped
+                return
+            request.on_disconnect(lambda: calls.append("slow"))
+            request.on_disconnect(gone.set)
+            seen.set()
+            await gone.wait()
+            request.on_disconnect(lambda: calls.append("late"))  # gone already: at once
+
+        server, port = await _start(handler)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /quick HTTP/1.1\r\n\r\n")
+        assert b"200 OK" in await reader.readuntil(b"ok")
+        writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
+        await asyncio.wait_for(seen.wait(), 10)
+        writer.close()
+        await asyncio.wait_for(gone.wait(), 10)
+        await asyncio.sleep(0)
+        server.close()
+        assert calls == ["slow", "late"]
+
+    run(main())
+
+
 def test_handler_errors_become_500_and_the_server_keeps_serving(run: Runner) -> None:
     async def handler(request: Request, response: Response) -> None:
         if request.path == "/boom":
