@@ -61,11 +61,11 @@ _NOT_FORWARDED = frozenset({
     "accept-encoding", "x-request-id"})
 
 
-def forward_headers(headers: dict[str, str], request_id: str) -> list[tuple[str, str]]:
-    """The client's end-to-end headers, with `x-request-id: request_id`."""
-    out = [(k, v) for k, v in headers.items() if k not in _NOT_FORWARDED]
-    out.append(("x-request-id", request_id))
-    return out
+def forward_headers(headers: dict[str, str], request_id: str) -> bytes:
+    """The client's end-to-end headers, with `x-request-id: request_id`, as the header block
+    of the upstream request ("name: value\\r\\n" lines): rendered once, sent by each attempt."""
+    block = "".join([f"{k}: {v}\r\n" for k, v in headers.items() if k not in _NOT_FORWARDED])
+    return f"{block}x-request-id: {request_id}\r\n".encode("latin-1")
 
 
 class _Retry:
@@ -180,7 +180,7 @@ class Proxy:
         return None
 
     async def _place(self, request: Request, response: Response, schedule: ScheduleRequest,
-                     headers: list[tuple[str, str]], avoid: list[Address], stream: bool,
+                     headers: bytes, avoid: list[Address], stream: bool,
                      started: float, replay: Replay | None,
                      body: bytes | None = None) -> int | _Cut:
         """Schedule and send, retrying on other instances until an answer starts (or, for a
@@ -232,7 +232,7 @@ class Proxy:
         return 502
 
     async def _attempt(self, request: Request, response: Response, instance: LLMInstance,
-                       headers: list[tuple[str, str]], schedule: ScheduleRequest, stream: bool,
+                       headers: bytes, schedule: ScheduleRequest, stream: bool,
                        started: float, final: bool, body: bytes | None = None,
                        replay: Replay | None = None) -> int | _Retry | _Cut:
         """One try on `instance` with the client's body (or `body`, a rewritten one); a

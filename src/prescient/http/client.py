@@ -330,10 +330,13 @@ class UpstreamPool:
         self._closed = False
 
     async def request(self, host: str, port: int, method: str, path: str,
-                      headers: HeaderItems = None, body: bytes = b"", *,
+                      headers: HeaderItems | bytes = None, body: bytes = b"", *,
                       connect_timeout: float = 3.0,
                       abort_when: AbortSignal | None = None) -> UpstreamResponse:
         """Send a request; returns once the response head has arrived.
+
+        `headers`: (name, value) pairs, a mapping, or a rendered header block
+        (`b"name: value\\r\\n..."`); `host` and `content-length` are set here.
 
         `abort_when` (e.g. the client's server `Request`): when it signals a disconnect
         before the response is complete, the connection is closed, so the upstream sees the
@@ -443,12 +446,12 @@ class UpstreamPool:
         return conn
 
 
-def _request_bytes(host: str, port: int, method: str, path: str, headers: HeaderItems,
-                   body: bytes) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\n"
-             f"content-length: {len(body)}\r\n"]
-    if headers:
-        items = header_items(headers)
-        lines.extend(f"{k}: {v}\r\n" for k, v in items)
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1") + body
+def _request_bytes(host: str, port: int, method: str, path: str,
+                   headers: HeaderItems | bytes, body: bytes) -> bytes:
+    head = (f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\n"
+            f"content-length: {len(body)}\r\n").encode("latin-1")
+    if not headers:
+        return head + b"\r\n" + body
+    if not isinstance(headers, bytes):
+        headers = "".join([f"{k}: {v}\r\n" for k, v in header_items(headers)]).encode("latin-1")
+    return b"".join((head, headers, b"\r\n", body))
