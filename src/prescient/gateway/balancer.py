@@ -92,8 +92,11 @@ class Balancer:
         except SchedulerUnavailableError:
             self.metrics.fallbacks += 1
             return self._round_robin(avoid), False
-        self._remember(instance)
-        if self._avoided((instance.endpoint.host, instance.endpoint.port), avoid):
+        endpoint = instance.endpoint
+        address = (endpoint.host, endpoint.port)
+        if address not in self._known:
+            self._remember(instance)
+        if (avoid or self._failed) and self._avoided(address, avoid):
             other = self._alternative(avoid)
             if other is not None:
                 await self.release(request, instance)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import msgspec
 
 from prescient.gateway.balancer import Address, NoWorkerError
-from prescient.gateway.proxy import CLIENT_GONE, Proxy, _Retry, forward_headers
+from prescient.gateway.proxy import CLIENT_GONE, Proxy, _Retry, forward_headers, id_header
 from prescient.http.client import UpstreamConnectError, UpstreamError
 from prescient.http.server import Request, Response
 from prescient.openai_api import error_body
@@ -132,7 +132,7 @@ class PdForwarder:
         if isinstance(answer, _Retry):
             return answer, prefill
         if isinstance(answer, _Answer):
-            job.response.send(answer.status, answer.body, (("x-request-id", schedule.id),))
+            job.response.send(answer.status, answer.body, id_header(schedule.id))
             return answer.status, prefill
         if self.staged:
             if held and self.proxy.release_finished:

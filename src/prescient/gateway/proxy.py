@@ -68,6 +68,11 @@ def forward_headers(headers: dict[str, str], request_id: str) -> bytes:
     return f"{block}x-request-id: {request_id}\r\n".encode("latin-1")
 
 
+def id_header(request_id: str) -> bytes:
+    """The response's `x-request-id` header line."""
+    return b"x-request-id: %b\r\n" % request_id.encode("latin-1")
+
+
 class _Retry:
     """An attempt failed before anything reached the client."""
 
@@ -263,11 +268,13 @@ class Proxy:
         if stream and upstream.status == 200:
             return await self._stream(request, response, upstream, instance, schedule, started,
                                       replay)
-        try:  # a whole answer (here, not in a method of its own: one coroutine less)
-            body = await upstream.read()
-        except UpstreamError as e:
-            return _Retry("upstream_closed", str(e))
-        response.send(upstream.status, body, (("x-request-id", schedule.id),),
+        body = upstream.body_now()  # a whole answer, most often all there already
+        if body is None:
+            try:
+                body = await upstream.read()
+            except UpstreamError as e:
+                return _Retry("upstream_closed", str(e))
+        response.send(upstream.status, body, id_header(schedule.id),
                       upstream.headers.get("content-type", "application/json"))
         return upstream.status
 
@@ -282,7 +289,7 @@ class Proxy:
         first = clock()
         if not response.started:
             self.metrics.ttft_seconds.observe(first - started)
-            response.start(upstream.status, (("x-request-id", schedule.id),),
+            response.start(upstream.status, id_header(schedule.id),
                            upstream.headers.get("content-type", "text/event-stream"))
         reporter = (_Reporter(self, schedule, instance, first)
                     if self.report_interval_s > 0 and self.scheduler is not None else None)

@@ -91,12 +91,20 @@ class UpstreamResponse:
         """The whole body has arrived."""
         return self._done and self._error is None
 
-    async def read(self) -> bytes:
-        """The whole (de-chunked) body."""
-        if self._done and self._error is None:  # already complete: no await needed
+    def body_now(self) -> bytes | None:
+        """The whole body if it has all arrived (typical of a short answer: it came with the
+        head), else None (then `await read()`). Saves a coroutine per response."""
+        if self._done and self._error is None:
             buffer = self._buffer
             data = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
             buffer.clear()
+            return data
+        return None
+
+    async def read(self) -> bytes:
+        """The whole (de-chunked) body."""
+        data = self.body_now()
+        if data is not None:
             return data
         parts = []
         while chunk := await self.read_chunk():

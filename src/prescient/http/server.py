@@ -120,9 +120,10 @@ class Response:
         self.finished = False
         self.status = 0
 
-    def send(self, status: int, body: bytes, headers: HeaderItems = None,
+    def send(self, status: int, body: bytes, headers: HeaderItems | bytes = None,
              content_type: str = "application/json") -> None:
-        """The whole response at once, with a Content-Length."""
+        """The whole response at once, with a Content-Length. `headers`: pairs, a mapping, or
+        a rendered block (`b"name: value\\r\\n..."`)."""
         if self.started:
             raise RuntimeError("response already started")
         self.started = self.finished = True
@@ -138,7 +139,7 @@ class Response:
                 conn.transport.write(body)
         conn.response_done(self._keep_alive)
 
-    def start(self, status: int, headers: HeaderItems = None,
+    def start(self, status: int, headers: HeaderItems | bytes = None,
               content_type: str = "text/event-stream") -> None:
         """Begin a chunked response; the head is sent with the first `write()`."""
         if self.started:
@@ -191,19 +192,22 @@ class Response:
         self.finished = True
         self._conn.close()
 
-    def _head_bytes(self, status: int, headers: HeaderItems, content_type: str,
+    def _head_bytes(self, status: int, headers: HeaderItems | bytes, content_type: str,
                     framing: bytes) -> bytes:
-        parts = [b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\n%b" % (
-            status, _REASONS.get(status, b"Unknown"), content_type.encode("latin-1"), framing)]
-        if headers:
-            items = header_items(headers)
-            parts.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in items)
+        if not headers:
+            block = b""
+        elif isinstance(headers, bytes):
+            block = headers
+        else:
+            block = "".join([f"{k}: {v}\r\n" for k, v in header_items(headers)]
+                            ).encode("latin-1")
         if not self._keep_alive:
-            parts.append(b"connection: close\r\n")
+            block += b"connection: close\r\n"
         elif self._conn.http10:
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            block += b"connection: keep-alive\r\n"
+        return b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\n%b%b\r\n" % (
+            status, _REASONS.get(status, b"Unknown"), content_type.encode("latin-1"), framing,
+            block)
 
 
 class _Reject(Exception):
