@@ -71,6 +71,12 @@ class Balancer:
         self._known: dict[Address, LLMInstance] = {}  # every instance the scheduler named
         self._candidates: list[LLMInstance] | None = None  # cache of `candidates()`
         self._failed: dict[Address, float] = {}  # address -> avoided until (clock)
+        # an embedded scheduler that never waits is called, not awaited (a coroutine less)
+        self._schedule_now: Callable[[ScheduleRequest], list[LLMInstance]] | None = None
+        self._release_now: Callable[[ScheduleRequest], None] | None = None
+        if scheduler is not None and getattr(scheduler, "waits", True) is False:
+            self._schedule_now = scheduler.schedule_now  # type: ignore[attr-defined]
+            self._release_now = scheduler.release_now  # type: ignore[attr-defined]
         if resolver is not None:
             resolver.subscribe(self._on_discovered)
 
@@ -86,7 +92,10 @@ class Balancer:
             return self._round_robin(avoid), False
         try:
             try:  # the common case first: one call, no wait loop
-                instance = (await self.scheduler.schedule(request))[0]
+                if self._schedule_now is not None:
+                    instance = self._schedule_now(request)[0]
+                else:
+                    instance = (await self.scheduler.schedule(request))[0]
             except NoInstanceAvailableError:
                 instance = await self._wait_and_schedule(request)
         except SchedulerUnavailableError:
@@ -174,7 +183,10 @@ class Balancer:
         account."""
         if self.scheduler is not None:
             request.scheduling_result = [instance, *others]
-            await self.scheduler.release(request)
+            if self._release_now is not None:
+                self._release_now(request)
+            else:
+                await self.scheduler.release(request)
 
     def mark_failed(self, address: Address) -> None:
         """`address` refused a connection: avoid it for `FAILED_COOLDOWN_S`."""

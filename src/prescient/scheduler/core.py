@@ -212,16 +212,24 @@ class SchedulerCore:
             SchedulerUnavailableError: not started, the CMS is unavailable, or (full mode) it
                 lists no instance at all.
         """
-        if not self._started:
-            raise SchedulerUnavailableError("the scheduler is not started")
+        if self._prefetch is None:
+            return self.schedule_now(request)
         job = self._request(request)
+        await self._prefetch(job)
+        return self.schedule_now(request, job)
+
+    def schedule_now(self, request: ScheduleRequest, job: Request | None = None
+                     ) -> list[LLMInstance]:
+        """`schedule` as a plain call, for the gateway the core is embedded in (a coroutine
+        less per request), while `waits` is False. `job`: the request as `_request` made it.
+        """
+        if job is None:
+            job = self._request(request)
         mode = _MODES[request.scheduling_mode]
         stage = _STAGES[request.scheduling_stage]
         if stage is None and mode is SchedulingMode.PD_STAGED:
             raise InvalidScheduleRequestError(
                 "scheduling_mode pd_staged needs scheduling_stage prefill or decode")
-        if self._prefetch is not None:
-            await self._prefetch(job)
         try:
             decision = self.dispatcher.schedule(job, self._clock(), mode, stage)
         except CmsUnavailableError as e:
@@ -254,6 +262,16 @@ class SchedulerCore:
         """
         self.dispatcher.release(request.id, self._clock())
 
+    def release_now(self, request: ScheduleRequest) -> None:
+        """`release` as a plain call (it never waits)."""
+        self.dispatcher.release(request.id, self._clock())
+
+    @property
+    def waits(self) -> bool:
+        """Whether `schedule` may wait (a Mooncake index is asked first, over the network):
+        then `schedule_now` must not be used."""
+        return self._prefetch is not None
+
     async def report(self, items: Sequence[ReportItem]) -> None:
         """Lite mode: raise token counts (`state_update`) and mark prefills done
         (`prefill_done`). Unknown requests or instances are ignored; full mode ignores reports
@@ -270,7 +288,9 @@ class SchedulerCore:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _request(self, request: ScheduleRequest) -> Request:
-        """The dispatcher's view of a `/schedule` body."""
+        """The dispatcher's view of a `/schedule` body (the scheduler must be started)."""
+        if not self._started:
+            raise SchedulerUnavailableError("the scheduler is not started")
         ids = request.prompt_token_ids
         length = request.prompt_num_tokens or (len(ids) if ids else 0)
         if not request.id:

@@ -130,3 +130,39 @@ def test_instances_the_scheduler_named_become_fallback_candidates() -> None:
     b = balancer(scheduler, clock, A)
     pick(b)
     assert [i.endpoint.host for i in b.candidates()] == ["10.0.0.1", "10.0.0.2"]
+
+
+class Embedded(Script):
+    """An in-process scheduler that never waits: called through `schedule_now`/`release_now`
+    (its coroutines fail, so a test sees which way the balancer went)."""
+
+    waits = False
+
+    def schedule_now(self, request: ScheduleRequest) -> list[LLMInstance]:
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return [answer]  # type: ignore[list-item]
+
+    def release_now(self, request: ScheduleRequest) -> None:
+        self.released += [i.id for i in request.scheduling_result]
+
+    async def schedule(self, request: ScheduleRequest) -> list[LLMInstance]:
+        raise AssertionError("awaited an embedded scheduler that never waits")
+
+    async def release(self, request: ScheduleRequest) -> None:
+        raise AssertionError("awaited an embedded scheduler that never waits")
+
+
+def test_an_embedded_scheduler_that_never_waits_is_called_and_keeps_the_rules() -> None:
+    clock = Clock()
+    b = balancer(Embedded(instance(A), instance(A), instance(B)), clock, A, B)
+    got, accounted = pick(b)
+    assert (got.endpoint.host, accounted) == ("10.0.0.1", True)
+    asyncio.run(b.release(ScheduleRequest(id="r"), got))
+    b.mark_failed(A)  # its next choice (A) is avoided: released, another taken round robin
+    got, accounted = pick(b)
+    assert (got.endpoint.host, accounted) == ("10.0.0.2", False)
+    assert b.scheduler.released == ["10.0.0.1:8000", "10.0.0.1:8000"]  # type: ignore[union-attr]
+    unavailable = balancer(Embedded(SchedulerUnavailableError("down")), clock, A)
+    assert pick(unavailable) == (instance(A), False)  # the fallback, as when awaited
