@@ -303,20 +303,28 @@ def _measured(proxy: Child | None, go: Callable[[], dict[str, float]]
     return result, cpu, wall, busy_shares(cores0, cores1)
 
 
-def wrk(ctx: Ctx, port: int, body_json: str, conns: int, seconds: float,
-        timeout_s: float = 2.0) -> dict[str, float]:
+def wrk_argv(port: int, conns: int, seconds: float, timeout_s: float = 2.0) -> list[str]:
     # wrk takes whole seconds only
-    argv = ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s",
+    return ["taskset", "-c", "0", "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s",
             f"--timeout={timeout_s:g}s", "-s", str(HERE / "post.lua"),
             f"http://127.0.0.1:{port}{PATH}"]
+
+
+def wrk(ctx: Ctx, port: int, body_json: str, conns: int, seconds: float,
+        timeout_s: float = 2.0) -> dict[str, float]:
+    argv = wrk_argv(port, conns, seconds, timeout_s)
     env = {"WRK_BODY": body_json}
     _note(ctx, "wrk", shell_line(argv, env).replace(f":{port}/", ":$PORT/"))
     out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env},
                          timeout=seconds + 60)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+    return wrk_result(out.returncode, out.stdout + out.stderr)
+
+
+def wrk_result(returncode: int, output: str) -> dict[str, float]:
+    """wrk's JSON line (bench/gateway/post.lua prints it), with req/s and an error total."""
+    line = next((x for x in output.splitlines() if x.startswith("WRKJSON ")), None)
     if line is None:
-        raise RuntimeError(f"wrk gave no result (rc {out.returncode}): "
-                           f"{(out.stdout + out.stderr)[-500:]}")
+        raise RuntimeError(f"wrk gave no result (rc {returncode}): {output[-500:]}")
     res: dict[str, float] = json.loads(line[len("WRKJSON "):])
     res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
     res["errors"] = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
