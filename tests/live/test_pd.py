@@ -190,19 +190,20 @@ def test_staged_lite_mode_frees_the_prefill_instance_before_placing_the_decode()
             assert isinstance(core, SchedulerCore) and core.dispatcher.lite is not None
             lite, events = core.dispatcher.lite, []
             p_id = pd.prefill.settings.resolved_instance_id
-            schedule, release = core.schedule, core.release
+            schedule, release = core.schedule_now, core.release_now  # the gateway calls these
 
-            async def spy_schedule(request: Any) -> Any:
-                placed = await schedule(request)
+            def spy_schedule(request: Any) -> Any:
+                placed = schedule(request)
                 events.append(("schedule", request.scheduling_stage, lite.num_requests(p_id)))
                 return placed
 
-            async def spy_release(request: Any) -> None:
+            def spy_release(request: Any) -> None:
                 events.append(("release", [i.infer_type for i in request.scheduling_result],
                                lite.num_requests(p_id)))
-                await release(request)
+                release(request)
 
-            core.schedule, core.release = spy_schedule, spy_release  # type: ignore[method-assign]
+            core.schedule_now, core.release_now = (  # type: ignore[method-assign]
+                spy_schedule, spy_release)
             done = await pd.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8)
         assert done.usage is not None and done.usage.completion_tokens == 8
         assert events == [("schedule", "prefill", 1), ("release", ["prefill"], 1),

@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import cast
 
 from prescient.discovery.base import DiscoveredInstance, Resolver
 from prescient.errors import PrescientError
 from prescient.gateway.metrics import GatewayMetrics
 from prescient.scheduler.wire import (
     Endpoint,
+    InProcessScheduler,
     LLMInstance,
     NoInstanceAvailableError,
     Scheduler,
@@ -72,11 +74,8 @@ class Balancer:
         self._candidates: list[LLMInstance] | None = None  # cache of `candidates()`
         self._failed: dict[Address, float] = {}  # address -> avoided until (clock)
         # an embedded scheduler that never waits is called, not awaited (a coroutine less)
-        self._schedule_now: Callable[[ScheduleRequest], list[LLMInstance]] | None = None
-        self._release_now: Callable[[ScheduleRequest], None] | None = None
-        if scheduler is not None and getattr(scheduler, "waits", True) is False:
-            self._schedule_now = scheduler.schedule_now  # type: ignore[attr-defined]
-            self._release_now = scheduler.release_now  # type: ignore[attr-defined]
+        self._now = (cast(InProcessScheduler, scheduler)
+                     if getattr(scheduler, "waits", True) is False else None)
         if resolver is not None:
             resolver.subscribe(self._on_discovered)
 
@@ -92,8 +91,8 @@ class Balancer:
             return self._round_robin(avoid), False
         try:
             try:  # the common case first: one call, no wait loop
-                if self._schedule_now is not None:
-                    instance = self._schedule_now(request)[0]
+                if self._now is not None:
+                    instance = self._now.schedule_now(request)[0]
                 else:
                     instance = (await self.scheduler.schedule(request))[0]
             except NoInstanceAvailableError:
@@ -127,7 +126,10 @@ class Balancer:
             return self._round_robin_legs(request, avoid), False
         try:
             try:
-                placed = await self.scheduler.schedule(request)
+                if self._now is not None:
+                    placed = self._now.schedule_now(request)
+                else:
+                    placed = await self.scheduler.schedule(request)
             except NoInstanceAvailableError:
                 placed = await self._wait_and_schedule_all(request)
         except SchedulerUnavailableError:
@@ -183,8 +185,8 @@ class Balancer:
         account."""
         if self.scheduler is not None:
             request.scheduling_result = [instance, *others]
-            if self._release_now is not None:
-                self._release_now(request)
+            if self._now is not None:
+                self._now.release_now(request)
             else:
                 await self.scheduler.release(request)
 

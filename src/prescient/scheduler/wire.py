@@ -96,3 +96,15 @@ class Scheduler(Protocol):
 
     async def close(self) -> None:
         ...
+
+
+class InProcessScheduler(Scheduler, Protocol):
+    """A scheduler in the gateway's own process (`SchedulerCore`): while `waits` is False its
+    decisions are plain calls, and the gateway calls them instead of awaiting `schedule` and
+    `release` (a coroutine less each)."""
+
+    waits: bool
+
+    def schedule_now(self, request: ScheduleRequest) -> list[LLMInstance]: ...
+
+    def release_now(self, request: ScheduleRequest) -> None: ...
