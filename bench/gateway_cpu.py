@@ -40,8 +40,10 @@ two identical checkouts reads 1.00 +- 0.015 per window.
 Goal (issue: match the Rust routers per core): <= ~50 us of gateway CPU per non-stream request
 including the scheduling call (vllm-router: 47 us), TCP_NODELAY on client sockets.
 
-Recorded 2026-11-23 on the 2-vCPU project machine (shared with other work, so +-10 %), 64
-connections, 8 s windows; gateway CPU us per request, non-stream / stream (16 events):
+First recorded 2026-11-23 (history: the gateway has lost about half of this since; see
+bench/RESULTS.md, gateway overhead, for the later same-window A/B figures) on the 2-vCPU
+project machine (shared with other work, so +-10 %), 64 connections, 8 s windows; gateway CPU
+us per request, non-stream / stream (16 events):
 
     direct (engine's own)   6.7 /  84        pump (floor)        14.0 /  96
     gw-fake                41.7 / 101        gw-fake-notok       33.9 / 114

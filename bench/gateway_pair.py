@@ -4,17 +4,19 @@ bench/gateway_overhead.py runs one proxy at a time. On these VMs the speed of a 
 10-20 % between windows minutes apart, more than the differences it is asked to settle (our
 gateway against vllm-router, per core). Here both proxies run at the same time, both pinned to
 core 1, each under its own `wrk -t1 -c64` on core 0 (with the fake backends, Redis and the CMS
-feeder, as in gateway_overhead.py). Each window measures both proxies' CPU (utime+stime of the
-process tree) and completed requests; CPU per request is what a saturated core divides into
-requests/s, so the ratio peer / ours of CPU per request is ours / peer of requests per core,
-measured under the same machine speed. Each window prints both, then the median over windows.
+feeder, as in gateway_overhead.py). Each window starts both proxies afresh (a proxy whose cost
+grew with its age would otherwise weigh on the later windows), warms them up for 2 s, then
+measures both proxies' CPU (utime+stime of the process tree) and completed requests; CPU per
+request is what a saturated core divides into requests/s, so the ratio peer / ours of CPU per
+request is ours / peer of requests per core, measured under the same machine speed. Each
+window prints both, then the median over windows.
 
 Sharing a core makes every request cost a little more than on a core of its own (fewer events
 per wake-up), for both proxies alike; absolute numbers are for gateway_overhead.py.
 
 Run from the repository root, on a quiet machine:
 
-    .venv/bin/python bench/gateway_pair.py                       # both pairs, ~4 minutes
+    .venv/bin/python bench/gateway_pair.py                       # both pairs, ~8 minutes
     .venv/bin/python bench/gateway_pair.py --pairs vllm-router-1c:prescient-full --windows 9
 
 Needs what gateway_overhead.py needs (Linux, taskset, wrk, redis-server for full mode; the Rust
@@ -72,10 +74,10 @@ def window(started: dict[str, Started], mode: str, conns: int, seconds: int
     return out
 
 
-def run_pair(ctx: Ctx, peer: str, ours: str, args: argparse.Namespace) -> list[str]:
-    """Both proxies started, warmed, measured `args.windows` times per mode; summary lines."""
+def fresh_window(ctx: Ctx, peer: str, ours: str, mode: str, args: argparse.Namespace
+                 ) -> dict[str, tuple[float, float]]:
+    """Both proxies started afresh, warmed up together, then one measured window."""
     started: dict[str, Started] = {}
-    lines = []
     try:
         for name in (peer, ours):
             started[name] = STARTERS[name](ctx)
@@ -83,24 +85,30 @@ def run_pair(ctx: Ctx, peer: str, ours: str, args: argparse.Namespace) -> list[s
             wait_for_port(s.port, s.proxy, ctx.start_timeout)
             wait_until_serving(s.port, PATH, [BODIES["ns"].encode(), BODIES["s"].encode()],
                                s.proxy, ctx.start_timeout)
-        for mode in args.modes.split(","):
-            window(started, mode, args.conns, 2)  # warm-up
-            ratios = []
-            for k in range(args.windows):
-                w = window(started, mode, args.conns, args.seconds)
-                (p_rps, p_us), (o_rps, o_us) = w[peer], w[ours]
-                ratios.append(p_us / o_us)
-                print(f"  {mode:>2} window {k + 1}: {peer} {p_rps:,.0f} req/s {p_us:.1f} us/req"
-                      f" | {ours} {o_rps:,.0f} req/s {o_us:.1f} us/req | "
-                      f"{ours} / {peer} per core {ratios[-1]:.3f}", flush=True)
-            label = "non-stream" if mode == "ns" else "stream (16 events)"
-            lines.append(f"| {ours} / {peer} | {label} | {statistics.median(ratios):.3f} | "
-                         f"{min(ratios):.3f} - {max(ratios):.3f} | "
-                         + " ".join(f"{r:.2f}" for r in ratios) + " |")
+        window(started, mode, args.conns, 2)  # warm-up
+        return window(started, mode, args.conns, args.seconds)
     finally:
         for s in started.values():
             for child in s.helpers or ([s.proxy] if s.proxy else []):
                 ctx.children.stop(child)
+
+
+def run_pair(ctx: Ctx, peer: str, ours: str, args: argparse.Namespace) -> list[str]:
+    """`args.windows` windows per mode, each with both proxies fresh; summary table rows."""
+    lines = []
+    for mode in args.modes.split(","):
+        ratios = []
+        for k in range(args.windows):
+            w = fresh_window(ctx, peer, ours, mode, args)
+            (p_rps, p_us), (o_rps, o_us) = w[peer], w[ours]
+            ratios.append(p_us / o_us)
+            print(f"  {mode:>2} window {k + 1}: {peer} {p_rps:,.0f} req/s {p_us:.1f} us/req"
+                  f" | {ours} {o_rps:,.0f} req/s {o_us:.1f} us/req | "
+                  f"{ours} / {peer} per core {ratios[-1]:.3f}", flush=True)
+        label = "non-stream" if mode == "ns" else "stream (16 events)"
+        lines.append(f"| {ours} / {peer} | {label} | {statistics.median(ratios):.3f} | "
+                     f"{min(ratios):.3f} - {max(ratios):.3f} | "
+                     + " ".join(f"{r:.2f}" for r in ratios) + " |")
     return lines
 
 

@@ -24,8 +24,9 @@ for the TPOT metric and lite-mode token reports. A replayable stream is also rea
 event (its text and token count), and goes out in whole events only.
 
 Release (`Scheduler.release`): after a failed attempt; when the client left before the first
-byte; and, in lite mode, at the end of every request (upstream forgets this one, §11.9). In full
-mode a served request is never released: the engine's next CMS status retires it.
+byte; and at the end of every request in lite mode (upstream forgets this one, §11.9) and with
+an embedded scheduler (a call, no round trip). A remote full-mode scheduler is not told of a
+served request: the engine's next CMS status retires it.
 """
 
 from __future__ import annotations

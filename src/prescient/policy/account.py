@@ -348,11 +348,11 @@ class LocalAccount:
     def counts(self, instance_id: str) -> tuple[int, int, int, int, int]:
         """`totals` as a plain tuple in `AccountTotals` field order, for the dispatcher's
         per-decision row update (no struct to build)."""
-        a = self._accounts.get(instance_id)
-        if a is None:
+        account = self._accounts.get(instance_id)
+        if account is None:
             return _ZERO_COUNTS
-        return (a.num_prefill, a.num_decode, a.num_requests, a.prefill_uncomputed_tokens,
-                a.decode_tokens)
+        return (account.num_prefill, account.num_decode, account.num_requests,
+                account.prefill_uncomputed_tokens, account.decode_tokens)
 
     def inflight_prefills(self, instance_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Dispatch times (s) and uncomputed tokens of the prefill-side legs counted on the

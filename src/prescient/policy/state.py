@@ -160,10 +160,6 @@ class ClusterState:
 
     def status_sum_list(self, fields: tuple[str, ...]) -> list[float]:
         """`status_sum(*fields)` as a list (for reads in plain Python); do not modify it."""
-        if self._sums_version == self.version:  # (the common case without a call)
-            sums = self._sums.get(fields)
-            if sums is not None:
-                return sums[1]
         return self._status_sums(fields)[1]
 
     def _status_sums(self, fields: tuple[str, ...]) -> tuple[np.ndarray, list[float]]:

@@ -227,9 +227,6 @@ class SchedulerCore:
             job = self._request(request)
         mode = _MODES[request.scheduling_mode]
         stage = _STAGES[request.scheduling_stage]
-        if stage is None and mode is SchedulingMode.PD_STAGED:
-            raise InvalidScheduleRequestError(
-                "scheduling_mode pd_staged needs scheduling_stage prefill or decode")
         try:
             decision = self.dispatcher.schedule(job, self._clock(), mode, stage)
         except CmsUnavailableError as e:
@@ -288,9 +285,13 @@ class SchedulerCore:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _request(self, request: ScheduleRequest) -> Request:
-        """The dispatcher's view of a `/schedule` body (the scheduler must be started)."""
+        """The dispatcher's view of a `/schedule` body, validated (the scheduler must be
+        started)."""
         if not self._started:
             raise SchedulerUnavailableError("the scheduler is not started")
+        if request.scheduling_mode == "pd_staged" and not request.scheduling_stage:
+            raise InvalidScheduleRequestError(
+                "scheduling_mode pd_staged needs scheduling_stage prefill or decode")
         ids = request.prompt_token_ids
         length = request.prompt_num_tokens or (len(ids) if ids else 0)
         if not request.id:
