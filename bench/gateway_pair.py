@@ -68,7 +68,9 @@ def window(started: dict[str, Started], mode: str, conns: int, seconds: int
     for name, text in outs.items():
         res = wrk_result(runs[name].returncode, text)
         if res["errors"]:
-            raise RuntimeError(f"{name}: {res['errors']:.0f} wrk errors in a window")
+            raise RuntimeError(f"{name}: {res['errors']:.0f} wrk errors in a window "
+                               f"({res['timeout']:.0f} over wrk's 2 s timeout; p99 "
+                               f"{res['p99_us'] / 1000:.0f} ms)")
         # the proxy's CPU while its wrk ran (connecting included) against the requests done
         out[name] = (res["rps"], cpu[name] / res["requests"] * 1e6 if res["requests"] else 0.0)
     return out
