@@ -43,6 +43,7 @@ from prescient.errors import ConfigError
 from prescient.gateway.app import Gateway
 from prescient.gateway.cli import SHUTDOWN_GRACE_S
 from prescient.gateway.wiring import embedded_scheduler_settings
+from prescient.http.server import Listener
 from prescient.scheduler.core import SchedulerCore
 from prescient.simengine.server import build_app, start_server
 from prescient.tokenizer import ApproxTokenizer, HfTokenizer, load_tokenizer
@@ -127,7 +128,7 @@ class LocalStack:
         self.store = MemoryStore()
         self.engines: list[ServedEngine] = []
         self.gateway: Gateway | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Listener | None = None
 
     @property
     def url(self) -> str:
@@ -242,7 +243,7 @@ def _bound_loopback_socket() -> socket.socket:
     return sock
 
 
-async def _listen(gateway: Gateway, host: str, port: int) -> asyncio.AbstractServer:
+async def _listen(gateway: Gateway, host: str, port: int) -> Listener:
     try:
         return await gateway.serve(host, port)
     except socket.gaierror as e:

@@ -25,7 +25,7 @@ from prescient.gateway.parse import Kind, parse_request
 from prescient.gateway.pd import PdForwarder
 from prescient.gateway.proxy import CLIENT_GONE, Proxy
 from prescient.http.client import UpstreamError, UpstreamPool
-from prescient.http.server import Request, Response, Router, serve
+from prescient.http.server import Listener, Request, Response, Router, serve
 from prescient.openai_api import ApiError, error_body
 from prescient.scheduler.wire import Scheduler, ScheduleRequest
 from prescient.tokenizer import Tokenizer
@@ -113,7 +113,7 @@ class Gateway:
         if start is not None:
             await start()
 
-    async def serve(self, host: str, port: int) -> asyncio.Server:
+    async def serve(self, host: str, port: int) -> Listener:
         return await serve(self.router, host, port, max_body_bytes=self.settings.max_body_bytes,
                            backlog=self.settings.backlog)
 

@@ -478,10 +478,113 @@ class Router:
                           headers=(("allow", ", ".join(methods)),))
 
 
+class Listener:
+    """What `serve` returns: its listening sockets, which accept every pending connection each
+    time they are readable (the parts of `asyncio.Server` the callers use).
+
+    uvloop's own servers accept one connection per event-loop iteration (libuv stopped
+    accepting in a loop in 1.45, libuv PR 3696). On a busy gateway an iteration is many
+    requests long, so a burst of new clients waited one iteration each: 256 connections
+    opened at once to a gateway sharing its core took 3 s to accept, and their first requests
+    timed out in the client. The stdlib loop accepts up to the backlog at each wake-up; so
+    does this.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket],
+                 factory: Callable[[], asyncio.Protocol], backlog: int) -> None:
+        self._loop = loop
+        self._sockets = sockets
+        self._factory = factory
+        self._backlog = backlog
+        self._connecting: set[asyncio.Task[object]] = set()
+        self._serving = True
+        for sock in sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self._sockets)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        """Stop accepting; connections already open go on."""
+        if not self._serving:
+            return
+        self._serving = False
+        for sock in self._sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connections being set up are (they then serve on)."""
+        while self._connecting:
+            await asyncio.gather(*self._connecting, return_exceptions=True)
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def _accept(self, listening: socket.socket) -> None:
+        for _ in range(self._backlog):
+            try:
+                sock, _ = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of file descriptors, or the client left already
+                log.warning("accepting a connection failed: %s", e)
+                return
+            sock.setblocking(False)
+            task = self._loop.create_task(self._loop.connect_accepted_socket(
+                self._factory, sock))
+            self._connecting.add(task)
+            task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[object]) -> None:
+        self._connecting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("setting up an accepted connection failed: %s", task.exception())
+
+
+async def _listening_sockets(host: str, port: int, backlog: int,
+                             reuse_port: bool) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address of `host` (all interfaces when
+    it is empty), as `loop.create_server` makes them."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise OSError(e.errno, f"error while attempting to bind on address "
+                                       f"{address!r}: {e.strerror}") from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def serve(handler: Handler, host: str, port: int, *,
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backlog: int = 2048,
                 reuse_port: bool = False, keepalive_timeout_s: float = 75.0,
-                error: ErrorBody = _openai_error) -> asyncio.Server:
+                error: ErrorBody = _openai_error) -> Listener:
     """Listen on host:port and run `handler` (a function or a `Router`) for each request.
 
     A connection with no request in progress and no byte received for `keepalive_timeout_s`
@@ -491,9 +594,9 @@ async def serve(handler: Handler, host: str, port: int, *,
     """
     loop = asyncio.get_running_loop()
     registry: set[HttpConnection] = set()
-    server = await loop.create_server(
-        lambda: HttpConnection(handler, loop, max_body_bytes, error, registry), host, port,
-        backlog=backlog, reuse_port=reuse_port or None)
+    server = Listener(
+        loop, await _listening_sockets(host, port, backlog, reuse_port),
+        lambda: HttpConnection(handler, loop, max_body_bytes, error, registry), backlog)
     sweeper = loop.create_task(_sweep_idle(server, registry, keepalive_timeout_s))
     _SWEEPERS.add(sweeper)
     sweeper.add_done_callback(_SWEEPERS.discard)
@@ -503,7 +606,7 @@ async def serve(handler: Handler, host: str, port: int, *,
 _SWEEPERS: set[asyncio.Task[None]] = set()  # referenced while they run
 
 
-async def _sweep_idle(server: asyncio.Server, registry: set[HttpConnection],
+async def _sweep_idle(server: Listener, registry: set[HttpConnection],
                       timeout_s: float) -> None:
     """Close idle keep-alive connections past `timeout_s`, while the server serves."""
     loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
@@ -12,7 +13,7 @@ import httptools
 import pytest
 import uvloop
 
-from prescient.http.server import Request, Response, Router, serve
+from prescient.http.server import Listener, Request, Response, Router, serve
 
 Handler = Callable[[Request, Response], Awaitable[None]]
 Runner = Callable[[Coroutine[Any, Any, None]], None]
@@ -24,7 +25,7 @@ def run(request: pytest.FixtureRequest) -> Runner:
     return asyncio.run if request.param == "asyncio" else uvloop.run
 
 
-async def _start(handler: Handler, **kwargs: int) -> tuple[asyncio.Server, int]:
+async def _start(handler: Handler, **kwargs: int) -> tuple[Listener, int]:
     server = await serve(handler, "127.0.0.1", 0, **kwargs)
     return server, server.sockets[0].getsockname()[1]
 
@@ -403,5 +404,44 @@ def test_idle_keep_alive_connections_are_closed_after_the_timeout(run: Runner) -
         writer.close()
         server.close()
         assert data.startswith(b"HTTP/1.1 200") and b"connection: close" not in data
+
+    run(main())
+
+
+def test_a_burst_of_connections_is_accepted_in_a_few_loop_iterations(run: Runner) -> None:
+    """uvloop's own servers accept one connection per loop iteration; a burst waiting on a
+    busy gateway then took an iteration per connection (seconds for hundreds)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        iterations = [0]
+
+        def tick() -> None:  # runs once per loop iteration
+            iterations[0] += 1
+            loop.call_soon(tick)
+
+        seen: list[int] = []
+        all_seen = loop.create_future()
+
+        async def count(request: Request, response: Response) -> None:
+            seen.append(iterations[0])
+            if len(seen) == 100:
+                all_seen.set_result(None)
+            response.send(200, b"ok")
+
+        server, port = await _start(count)
+        clients = []
+        for _ in range(100):  # no await in between: the loop accepts none of them meanwhile
+            sock = socket.socket()
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", port))  # loopback: the handshake completes here
+            sock.send(b"GET /x HTTP/1.1\r\n\r\n")
+            clients.append(sock)
+        loop.call_soon(tick)
+        await asyncio.wait_for(all_seen, 10)
+        for sock in clients:
+            sock.close()
+        server.close()
+        assert max(seen) < 20  # one accept per iteration would take 100
 
     run(main())
