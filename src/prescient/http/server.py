@@ -35,6 +35,7 @@ from prescient.openai_api import error_body
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+ACCEPT_RETRY_S = 1.0  # after accept() failed for want of file descriptors (asyncio's delay)
 
 ErrorBody = Callable[[int, str], bytes]  # (status, message) -> body, e.g. an OpenAI error
 Handler = Callable[["Request", "Response"], Awaitable[None]]
@@ -535,14 +536,23 @@ class Listener:
                 sock, _ = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of file descriptors, or the client left already
-                log.warning("accepting a connection failed: %s", e)
+            except ConnectionAbortedError:  # the client left before we took it
+                continue
+            except OSError as e:  # out of file descriptors or memory: pause, as asyncio does
+                log.warning("accepting connections failed, retrying in %g s: %s",
+                            ACCEPT_RETRY_S, e)
+                self._loop.remove_reader(listening.fileno())
+                self._loop.call_later(ACCEPT_RETRY_S, self._resume, listening)
                 return
             sock.setblocking(False)
             task = self._loop.create_task(self._loop.connect_accepted_socket(
                 self._factory, sock))
             self._connecting.add(task)
             task.add_done_callback(self._connected)
+
+    def _resume(self, listening: socket.socket) -> None:
+        if self._serving:
+            self._loop.add_reader(listening.fileno(), self._accept, listening)
 
     def _connected(self, task: asyncio.Task[object]) -> None:
         self._connecting.discard(task)

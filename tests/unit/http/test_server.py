@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
@@ -13,6 +14,7 @@ import httptools
 import pytest
 import uvloop
 
+from prescient.http import server as server_module
 from prescient.http.server import Listener, Request, Response, Router, serve
 
 Handler = Callable[[Request, Response], Awaitable[None]]
@@ -443,5 +445,40 @@ def test_a_burst_of_connections_is_accepted_in_a_few_loop_iterations(run: Runner
             sock.close()
         server.close()
         assert max(seen) < 20  # one accept per iteration would take 100
+
+    run(main())
+
+
+class _OutOfFds(socket.socket):
+    """A listening socket whose first accepts fail as if the process had no fd left."""
+
+    failures = 2
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+def test_accepting_pauses_when_out_of_fds_and_resumes(run: Runner,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "ACCEPT_RETRY_S", 0.01)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        listening = _OutOfFds()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        listening.setblocking(False)
+        server = server_module.Listener(
+            loop, [listening], lambda: server_module.HttpConnection(
+                _echo, loop, 1 << 20, lambda status, message: b"{}"), 16)
+        reader, writer = await asyncio.open_connection(*listening.getsockname())
+        writer.write(b"GET /x HTTP/1.1\r\n\r\n")
+        assert b"200 OK" in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert listening.failures == 0  # it failed twice, paused, then took the connection
+        writer.close()
+        server.close()
 
     run(main())
