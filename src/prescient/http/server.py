@@ -497,7 +497,7 @@ class Listener:
         self._sockets = sockets
         self._factory = factory
         self._backlog = backlog
-        self._connecting: set[asyncio.Task[object]] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
         self._serving = True
         for sock in sockets:
             loop.add_reader(sock.fileno(), self._accept, sock)
@@ -545,19 +545,20 @@ class Listener:
                 self._loop.call_later(ACCEPT_RETRY_S, self._resume, listening)
                 return
             sock.setblocking(False)
-            task = self._loop.create_task(self._loop.connect_accepted_socket(
-                self._factory, sock))
+            task = self._loop.create_task(self._connect(sock))
             self._connecting.add(task)
-            task.add_done_callback(self._connected)
+            task.add_done_callback(self._connecting.discard)
 
     def _resume(self, listening: socket.socket) -> None:
         if self._serving:
             self._loop.add_reader(listening.fileno(), self._accept, listening)
 
-    def _connected(self, task: asyncio.Task[object]) -> None:
-        self._connecting.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.info("setting up an accepted connection failed: %s", task.exception())
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, sock)
+        except Exception as e:  # e.g. the client left during the setup
+            sock.close()
+            log.info("setting up an accepted connection failed: %s", e)
 
 
 async def _listening_sockets(host: str, port: int, backlog: int,
